@@ -1,0 +1,4 @@
+"""fednode: a peer-to-peer federated-learning daemon for code models."""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,3 @@
+from fednode.cli import main
+
+main()

@@ -1,0 +1,324 @@
+"""Node configuration: one TOML file per node, validated once at start.
+
+Every problem is reported as a one-line `ConfigError` that names the key and the fix, so an
+operator reading journald sees what to change without reading code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fednode.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    name: str = ""
+    data_dir: Path = Path("data")
+    listen: str = "127.0.0.1:7700"
+    advertise: str = ""  # address peers dial; defaults to `listen`
+    operator_socket: Path | None = None  # defaults to DATA_DIR/operator.sock
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    seeds: tuple[str, ...] = ()
+    gossip_interval_s: float = 1.0
+    suspect_after_s: float = 6.0
+    dead_after_s: float = 20.0
+    fanout: int = 2
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    ca: Path = Path("ca.crt")
+    cert: Path = Path("node.crt")
+    key: Path = Path("node.key")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tiny"
+    seed: int = 0
+    vocab_size: int = 4096
+    tokenizer_cache: Path | None = None  # defaults to DATA_DIR/tokenizers
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dir: Path = Path("code")
+    seq_len: int = 128
+    max_tokens: int = 400_000
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    rounds: int = 0  # 0 = run until stopped
+    steps_per_round: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    threads: int = 0  # torch threads; 0 = torch's default
+    round_timeout_s: float = 60.0  # a round never waits on peers longer than this
+    catchup_lag: int = 2  # fetch state from a peer this many rounds ahead
+    keep_checkpoints: int = 3
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_payload_mib: int = 8192
+    chunk_kib: int = 1024
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = ""  # e.g. "127.0.0.1:9700"; empty = no HTTP endpoint
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+    format: str = "auto"  # auto | json | text
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
+    source: Path | None = None
+
+    @property
+    def advertise(self) -> str:
+        return self.node.advertise or self.node.listen
+
+    @property
+    def operator_socket(self) -> Path:
+        return self.node.operator_socket or self.node.data_dir / "operator.sock"
+
+    @property
+    def tokenizer_cache(self) -> Path:
+        return self.model.tokenizer_cache or self.node.data_dir / "tokenizers"
+
+
+_SECTION_TYPES = {
+    "node": NodeSection, "mesh": MeshSection, "tls": TlsSection, "model": ModelSection,
+    "data": DataSection, "train": TrainSection, "limits": LimitsSection, "metrics": MetricsSection,
+    "log": LogSection,
+}
+_PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
+              ("tls", "key"), ("model", "tokenizer_cache"), ("data", "dir")}
+_KNOWN_PRESETS = ("micro", "tiny")
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any:
+    where = f"[{section}] {key}"
+    if (section, key) in _PATH_KEYS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}: set it to a path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}: write it without quotes or decimals")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}: write it without quotes")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'{where} must be a list of strings, e.g. ["127.0.0.1:7701"], got {value!r}')
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}: put it in quotes")
+    return value
+
+
+def _check_address(where: str, value: str, *, allow_empty: bool = False) -> None:
+    if allow_empty and not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where} = {value!r} is not HOST:PORT: write it like \"127.0.0.1:7700\"")
+
+
+def _validate(cfg: Config) -> None:
+    n = cfg.node
+    if not n.name:
+        raise ConfigError("[node] name is missing: set it to this site's certificate name, e.g. name = \"site-a\"")
+    _check_address("[node] listen", n.listen)
+    _check_address("[node] advertise", n.advertise, allow_empty=True)
+    for seed in cfg.mesh.seeds:
+        _check_address("[mesh] seeds entry", seed)
+    m = cfg.mesh
+    if m.gossip_interval_s <= 0:
+        raise ConfigError("[mesh] gossip_interval_s must be > 0: try 1.0")
+    if not m.gossip_interval_s < m.suspect_after_s < m.dead_after_s:
+        raise ConfigError("[mesh] needs gossip_interval_s < suspect_after_s < dead_after_s: try 1, 6, 20")
+    if m.fanout < 1:
+        raise ConfigError("[mesh] fanout must be >= 1: try 2")
+    if cfg.model.preset not in _KNOWN_PRESETS:
+        hint = _suggest(cfg.model.preset, list(_KNOWN_PRESETS))
+        raise ConfigError(f"[model] preset {cfg.model.preset!r} is unknown{hint}")
+    t = cfg.train
+    for key in ("steps_per_round", "batch_size", "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"[train] {key} must be >= 1")
+    if t.rounds < 0 or t.threads < 0 or t.catchup_lag < 1:
+        raise ConfigError("[train] rounds and threads must be >= 0 and catchup_lag >= 1")
+    if t.lr <= 0 or t.round_timeout_s <= 0:
+        raise ConfigError("[train] lr and round_timeout_s must be > 0")
+    if cfg.data.seq_len < 8 or cfg.data.max_tokens < cfg.data.seq_len:
+        raise ConfigError("[data] seq_len must be >= 8 and max_tokens >= seq_len")
+    if not 1 <= cfg.limits.chunk_kib <= 16 * 1024:
+        raise ConfigError("[limits] chunk_kib must be within 1..16384: 1024 (1 MiB) is the fast default")
+    if cfg.limits.max_payload_mib < 1:
+        raise ConfigError("[limits] max_payload_mib must be >= 1")
+    _check_address("[metrics] listen", cfg.metrics.listen, allow_empty=True)
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"[log] level {cfg.log.level!r} is unknown: use debug, info, warning or error")
+    if cfg.log.format not in ("auto", "json", "text"):
+        raise ConfigError(f"[log] format {cfg.log.format!r} is unknown: use auto, json or text")
+
+
+def parse_config(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Build a validated Config from parsed TOML; relative paths are relative to `base`."""
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"unknown section [{name}]{_suggest(name, list(_SECTION_TYPES))}: remove or rename it")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table: write it as a [{name}] section")
+        cls = _SECTION_TYPES[name]
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"unknown key [{name}] {key}{_suggest(key, sorted(known))}: remove or rename it")
+            values[key] = _coerce(name, key, value, getattr(defaults, key), base)
+        sections[name] = cls(**values)
+    if "node" not in sections:
+        raise ConfigError("section [node] is missing: run `fednode init` for a commented example")
+    # relative defaults are relative to the config's directory too
+    node = sections["node"]
+    if not node.data_dir.is_absolute():
+        sections["node"] = NodeSection(**{**node.__dict__, "data_dir": base / node.data_dir})
+    cfg = Config(**sections, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: create one with `fednode init --path {path}`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc}): check its permissions and encoding") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax at that line") from None
+    return parse_config(raw, path.resolve().parent, source=path)
+
+
+EXAMPLE = """\
+# fednode node configuration. Relative paths are relative to this file.
+
+[node]
+name = "{name}"                      # must equal the CN of this node's certificate
+data_dir = "{data_dir}"              # journal, checkpoints, payload key, operator socket
+listen = "{listen}"                  # peer service (mutual TLS)
+# advertise = "{listen}"             # address other peers dial, if not `listen`
+# operator_socket = "data/operator.sock"
+
+[mesh]
+seeds = [{seeds}]                    # any live members; the mesh has no central server
+gossip_interval_s = 1.0
+suspect_after_s = 6.0                # no heartbeat growth for this long: suspect
+dead_after_s = 20.0                  # ... and for this long: dead (skipped by rounds)
+fanout = 2                           # peers a round's update is pushed to
+
+[tls]                                # made by `fednode ca init` / `fednode ca issue`
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+[model]
+preset = "tiny"                      # tiny (~1M params) or micro (tests)
+seed = 0                             # the same on every site: the mesh starts from one model
+
+[data]
+dir = "{data}"                        # this site's private code; it never leaves the node
+seq_len = 128
+max_tokens = 400000
+
+[train]
+rounds = 0                           # 0 = run until stopped
+steps_per_round = 20
+batch_size = 8
+lr = 0.003
+threads = 0                          # torch threads; 0 = default
+round_timeout_s = 60.0               # stragglers never hold a round longer than this
+catchup_lag = 2                      # rounds behind a peer before fetching its state
+keep_checkpoints = 3
+
+[limits]
+max_payload_mib = 8192
+chunk_kib = 1024
+
+[metrics]
+listen = ""                          # e.g. "127.0.0.1:9700" for Prometheus /metrics
+
+[log]
+level = "info"
+format = "auto"                      # auto: text on a terminal, JSON lines otherwise
+"""
+
+
+def example_config(name: str = "site-a", listen: str = "127.0.0.1:7700", seeds: list[str] | None = None,
+                   data_dir: str = "data", ca: str = "pki/ca.crt", cert: str | None = None,
+                   key: str | None = None, data: str = "code") -> str:
+    seed_list = ", ".join(f'"{s}"' for s in (seeds or []))
+    return EXAMPLE.format(name=name, listen=listen, seeds=seed_list, data_dir=data_dir, ca=ca,
+                          cert=cert or f"pki/{name}.crt", key=key or f"pki/{name}.key", data=data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(raw: dict[str, dict[str, Any]]) -> str:
+    """Render flat sections (the shape parse_config reads) as TOML; used by demo and harness."""
+    out = []
+    for section, table in raw.items():
+        out.append(f"[{section}]")
+        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)

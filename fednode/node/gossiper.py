@@ -1,0 +1,88 @@
+"""The membership loop: bump our heartbeat, push-pull digests with a few random peers, and
+keep dialling seeds we have not met (so a mesh forms from any one live member)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from fednode.errors import ProtocolError, reason_name
+from fednode.node.context import NodeContext
+from fednode.transport.base import PeerCallError
+
+log = logging.getLogger(__name__)
+
+
+class Gossiper:
+    def __init__(self, ctx: NodeContext, seeds: list[str], rng: random.Random | None = None):
+        self.ctx = ctx
+        self.seeds = [s for s in dict.fromkeys(seeds) if s != ctx.own_body.address]
+        self.rng = rng or random.Random()
+        self.stop = asyncio.Event()
+        self._seed_errors: dict[str, str] = {}
+
+    @property
+    def interval(self) -> float:
+        return self.ctx.cfg.mesh.gossip_interval_s
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            await self.tick()
+            try:
+                await asyncio.wait_for(self.stop.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        ctx = self.ctx
+        ctx.membership.tick()
+        known = {m.address for m in ctx.membership.members.values()}
+        unknown_seeds = [s for s in self.seeds if s not in known]
+        peers = ctx.membership.gossip_targets(ctx.cfg.mesh.fanout, self.rng)
+        await asyncio.gather(*(self.meet(s) for s in unknown_seeds),
+                             *(self.exchange(m.address) for m in peers))
+        counts = ctx.membership.counts()
+        for state, n in counts.items():
+            ctx.metrics.peers.labels(state).set(n)
+
+    async def meet(self, address: str) -> None:
+        """Handshake with a seed, then exchange digests with it."""
+        ctx = self.ctx
+        try:
+            hello = await ctx.transport.handshake(address, ctx.own_hello, timeout=max(self.interval * 2, 2.0))
+        except PeerCallError as exc:
+            self._note_seed_error(address, str(exc))
+            return
+        outcome = ctx.membership.merge_hello(hello)
+        for peer, exc in outcome.refused:
+            ctx.metrics.reject(reason_name(exc.reason))
+            self._note_seed_error(address, f"refused {peer}: {exc}")
+        if not outcome.refused:
+            self._seed_errors.pop(address, None)
+            await self.exchange(address)
+
+    async def exchange(self, address: str) -> None:
+        ctx = self.ctx
+        try:
+            reply = await ctx.transport.gossip(address, ctx.membership.digest(), timeout=max(self.interval * 2, 2.0))
+        except PeerCallError as exc:
+            log.debug("gossip failed: %s", exc, extra={"address": address})
+            return
+        outcome = ctx.membership.merge(reply)
+        for peer, exc in outcome.refused:
+            ctx.metrics.reject(reason_name(exc.reason))
+            log.warning("refused peer record: %s", exc, extra={"peer": peer})
+
+    async def say_goodbye(self) -> None:
+        """Tell a few peers we are leaving so they stop waiting for us at once."""
+        ctx = self.ctx
+        ctx.membership.leave()
+        targets = ctx.membership.gossip_targets(max(3, ctx.cfg.mesh.fanout), self.rng)
+        await asyncio.gather(*(self.exchange(m.address) for m in targets))
+
+    def _note_seed_error(self, address: str, message: str) -> None:
+        if self._seed_errors.get(address) != message:  # log each distinct failure once, not every tick
+            self._seed_errors[address] = message
+            level = logging.ERROR if "MISMATCH" in message or isinstance(message, ProtocolError) else logging.INFO
+            log.log(level, "seed %s not joined yet: %s", address, message)

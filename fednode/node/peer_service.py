@@ -1,0 +1,129 @@
+"""The node's answers to its peers (the server side of the peer protocol).
+
+Every refusal is a `ProtocolError` with a typed reason: it is counted, logged with the peer,
+and sent back as a gRPC status; nothing a peer sends can stop the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import torch
+
+from fednode.errors import ProtocolError, Reason, reason_name
+from fednode.node.context import NodeContext
+from fednode.node.exchange import open_envelope, receive_update, serve_state
+from fednode.node.inbox import Admission
+from fednode.security.hello import check_compatible, verify_hello
+from fednode.transport.base import Caller
+from fednode.v1 import peer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class RateLimiter:
+    """Token bucket per caller: a flood of Gossip calls costs the flooder, not the node."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if len(self._buckets) > 4096:
+            self._buckets.clear()
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1, now)
+        return True
+
+
+class PeerService:
+    def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor]], None]):
+        self.ctx = ctx
+        self.validate = validate
+        self.gossip_limit = RateLimiter(rate=20.0, burst=40.0)
+
+    def refused(self, exc: ProtocolError, caller: Caller) -> None:
+        self.ctx.metrics.reject(reason_name(exc.reason))
+        log.warning("refused peer message: %s", exc.detail,
+                    extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
+
+    async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
+        body = verify_hello(self.ctx.trust, hello)
+        if caller.node_id is not None and caller.node_id != body.node_id:
+            raise ProtocolError(Reason.BAD_CERTIFICATE,
+                                f"hello is for {body.node_id!r} but the TLS peer is {caller.node_id!r}")
+        check_compatible(self.ctx.own_body, body)
+        self.ctx.membership.merge_hello(hello)
+        return self.ctx.own_hello
+
+    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
+        if not self.gossip_limit.allow(caller.node_id or "?"):
+            raise ProtocolError(Reason.RATE_LIMITED, "too many gossip calls: slow down")
+        outcome = self.ctx.membership.merge(digest)
+        for peer, exc in outcome.refused:
+            self.refused(exc, Caller(peer))
+        return self.ctx.membership.digest()
+
+    async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
+                          caller: Caller) -> pb.Receipt:
+        ctx = self.ctx
+        if ctx.draining:
+            raise ProtocolError(Reason.NOT_READY, "node is draining")
+        opener = open_envelope(start, trust=ctx.trust, node_id=ctx.node_id, key=ctx.payload_key,
+                               max_payload=ctx.max_payload, kind="update")
+        header = opener.header
+        admission = ctx.inbox.check(header.round)
+        if admission is Admission.STALE:
+            raise ProtocolError(Reason.STALE_ROUND, f"round {header.round} is too old (open round "
+                                                    f"{ctx.inbox.open_round})")
+        if admission is Admission.TOO_EARLY:
+            raise ProtocolError(Reason.NOT_READY, f"round {header.round} is too far ahead (open round "
+                                                  f"{ctx.inbox.open_round}): retry later")
+        if not ctx.journal.accept_message(header.sender_id, header.epoch, header.round, bytes(header.message_id)):
+            raise ProtocolError(Reason.REPLAY, f"message from {header.sender_id} for epoch {header.epoch} round "
+                                               f"{header.round} was already accepted or is too old")
+        update = await receive_update(opener, chunks)
+        self.validate(update.tensors)
+        if update.weight <= 0 or update.weight != update.weight or update.weight == float("inf"):
+            raise ProtocolError(Reason.MALFORMED, f"aggregation weight {update.weight} is not a positive number")
+        ctx.metrics.received(update.sender, update.nbytes, int(header.chunk_count))
+        if await ctx.inbox.put(update) is not Admission.KEEP:  # the round moved on while it streamed
+            raise ProtocolError(Reason.STALE_ROUND, f"round {header.round} closed while the update streamed")
+        log.debug("update received", extra={"peer": update.sender, "round": update.round, "bytes": update.nbytes})
+        return pb.Receipt(accepted=True, bytes_received=update.nbytes)
+
+    async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
+        ctx = self.ctx
+        if caller.node_id is not None and caller.node_id != request.requester_id:
+            raise ProtocolError(Reason.BAD_CERTIFICATE, f"request names {request.requester_id!r} but the TLS peer "
+                                                        f"is {caller.node_id!r}")
+        member = ctx.membership.members.get(request.requester_id)
+        if member is None:
+            raise ProtocolError(Reason.UNKNOWN_PEER, f"{request.requester_id!r} is not a known member: "
+                                                     f"handshake first")
+        record = None
+        if request.content_sha256:
+            record = next((r for r in reversed(ctx.journal.rounds())
+                           if r.checkpoint_sha256 == request.content_sha256), None)
+        resume = record is not None and (ctx.checkpoint_dir / record.checkpoint).exists()
+        if not resume:
+            record = ctx.journal.last_round()
+            if record is None or record.round < request.min_round:
+                raise ProtocolError(Reason.NO_STATE, f"no committed state at round >= {request.min_round}")
+        assert record is not None
+        path = ctx.checkpoint_dir / record.checkpoint
+        sent = 0
+        async for chunk in serve_state(ctx.identity, ctx.recipient(member), path, sha256=record.checkpoint_sha256,
+                                       round_=record.round, epoch=record.epoch,
+                                       first_chunk=request.from_chunk if resume else 0,
+                                       chunk_size=ctx.chunk_size):
+            sent += len(chunk.data)
+            yield chunk
+        ctx.metrics.sent(request.requester_id, sent, 0)

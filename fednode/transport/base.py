@@ -1,0 +1,102 @@
+"""The transport interface: what a node needs from the network, in both directions.
+
+Two implementations share these semantics: `GrpcTransport` (real mTLS gRPC) and
+`MemoryTransport` (an in-process twin for simulating large meshes). A node only ever talks to
+this interface, so the same round logic runs over either.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from fednode.errors import FednodeError, Reason, reason_name
+from fednode.v1 import peer_pb2 as pb
+
+REASON_METADATA_KEY = "fednode-reason"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as authenticated by the transport (TLS certificate CN for gRPC)."""
+
+    node_id: str | None
+    certificate_der: bytes | None = None
+
+
+class PeerCallError(FednodeError):
+    """A call to a peer failed: `reason` is the peer's typed refusal, or REASON_UNSPECIFIED
+    when the failure was the network's (then `code` says what, e.g. UNAVAILABLE)."""
+
+    def __init__(self, address: str, code: str, reason: int, detail: str):
+        what = reason_name(reason) if reason else code
+        super().__init__(f"call to {address} failed: {what}: {detail}")
+        self.address = address
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def unreachable(self) -> bool:
+        return self.reason == Reason.REASON_UNSPECIFIED and self.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+class PeerHandler(Protocol):
+    """The server side of the peer service, implemented by the node. Raise
+    `fednode.errors.ProtocolError` to refuse with a typed reason."""
+
+    async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello: ...
+
+    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest: ...
+
+    async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
+                          caller: Caller) -> pb.Receipt: ...
+
+    def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]: ...
+
+
+class Transport(abc.ABC):
+    """Client calls to peers by address, plus serving a handler at a listen address."""
+
+    @abc.abstractmethod
+    async def serve(self, handler: PeerHandler, listen: str) -> str:
+        """Start serving; returns the bound address (port 0 is resolved)."""
+
+    @abc.abstractmethod
+    async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello: ...
+
+    @abc.abstractmethod
+    async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest: ...
+
+    @abc.abstractmethod
+    async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt: ...
+
+    @abc.abstractmethod
+    def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]: ...
+
+    @abc.abstractmethod
+    async def close(self, grace: float = 1.0) -> None: ...
+
+
+def status_code_for(reason: int) -> str:
+    """The gRPC status code name a refusal is sent with (one place, so both transports agree)."""
+    return _REASON_CODES.get(reason, "INVALID_ARGUMENT")
+
+
+_REASON_CODES = {
+    Reason.PROTOCOL_MISMATCH: "FAILED_PRECONDITION",
+    Reason.TOKENIZER_MISMATCH: "FAILED_PRECONDITION",
+    Reason.FAMILY_MISMATCH: "FAILED_PRECONDITION",
+    Reason.STALE_ROUND: "FAILED_PRECONDITION",
+    Reason.BAD_CERTIFICATE: "UNAUTHENTICATED",
+    Reason.BAD_SIGNATURE: "UNAUTHENTICATED",
+    Reason.WRONG_RECIPIENT: "PERMISSION_DENIED",
+    Reason.UNKNOWN_PEER: "PERMISSION_DENIED",
+    Reason.REPLAY: "ALREADY_EXISTS",
+    Reason.OVERSIZE: "RESOURCE_EXHAUSTED",
+    Reason.RATE_LIMITED: "RESOURCE_EXHAUSTED",
+    Reason.NOT_READY: "UNAVAILABLE",
+    Reason.NO_STATE: "NOT_FOUND",
+}

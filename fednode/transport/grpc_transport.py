@@ -1,0 +1,194 @@
+"""The real transport: grpc.aio with mutual TLS, chunked streams, typed refusals.
+
+The servicer follows the `rpc_*` convention: each RPC method is a thin adapter that turns the
+call into a `PeerHandler` call and a `ProtocolError` into a gRPC status with the machine-readable
+reason in trailing metadata. Health checking and server reflection are served alongside.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fednode.errors import NetworkError, ProtocolError, Reason
+from fednode.security import tls
+from fednode.security.pki import NodeIdentity
+from fednode.transport.base import (
+    REASON_METADATA_KEY,
+    Caller,
+    PeerCallError,
+    PeerHandler,
+    Transport,
+    status_code_for,
+)
+from fednode.v1 import peer_pb2 as pb
+from fednode.v1 import peer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A chunk is at most 16 MiB of plaintext (config bound) plus framing; nothing larger is accepted.
+MAX_MESSAGE = 17 * 1024 * 1024
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+
+
+def _caller(context: grpc.aio.ServicerContext) -> Caller:
+    return Caller(tls.peer_node_id(context), tls.peer_certificate_der(context))
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
+    code = getattr(grpc.StatusCode, status_code_for(exc.reason))
+    context.set_trailing_metadata(((REASON_METADATA_KEY, Reason.Name(exc.reason)),))
+    await context.abort(code, exc.detail)
+
+
+class PeerServicer(peer_pb2_grpc.PeerServicer):
+    """Adapts gRPC calls to a PeerHandler."""
+
+    def __init__(self, handler: PeerHandler, on_refusal: Callable[[ProtocolError, Caller], None] | None = None):
+        self.handler = handler
+        self.on_refusal = on_refusal or (lambda exc, caller: None)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: ProtocolError, caller: Caller) -> None:
+        self.on_refusal(exc, caller)
+        await _abort(context, exc)
+
+    async def Handshake(self, request, context):  # noqa: N802 (generated name)
+        caller = _caller(context)
+        try:
+            return await self.handler.handle_handshake(request, caller)
+        except ProtocolError as exc:
+            await self._refuse(context, exc, caller)
+
+    async def Gossip(self, request, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            return await self.handler.handle_gossip(request, caller)
+        except ProtocolError as exc:
+            await self._refuse(context, exc, caller)
+
+    async def PushMessenger(self, request_iterator, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            stream = request_iterator.__aiter__()
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise ProtocolError(Reason.MALFORMED,
+                                    "empty stream: the first chunk must carry the envelope start") from None
+            if not first.HasField("start"):
+                raise ProtocolError(Reason.MALFORMED, "the first chunk must carry the envelope start")
+            return await self.handler.handle_push(first.start, stream, caller)
+        except ProtocolError as exc:
+            await self._refuse(context, exc, caller)
+
+    async def FetchState(self, request, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            async for chunk in self.handler.handle_fetch(request, caller):
+                yield chunk
+        except ProtocolError as exc:
+            await self._refuse(context, exc, caller)
+
+
+def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
+    reason = Reason.REASON_UNSPECIFIED
+    for key, value in exc.trailing_metadata() or ():
+        if key == REASON_METADATA_KEY and value in Reason.keys():
+            reason = Reason.Value(value)
+    return PeerCallError(address, exc.code().name, reason, exc.details() or "")
+
+
+class GrpcTransport(Transport):
+    """Client and server halves over one identity. Channels are cached per address."""
+
+    def __init__(self, identity: NodeIdentity, on_refusal: Callable[[ProtocolError, Caller], None] | None = None):
+        self.identity = identity
+        self.on_refusal = on_refusal
+        self._credentials = tls.channel_credentials(identity)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+
+    async def serve(self, handler: PeerHandler, listen: str) -> str:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(handler, self.on_refusal), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_secure_port(listen, tls.server_credentials(self.identity))
+        except RuntimeError as exc:
+            raise NetworkError(f"cannot listen on {listen} ({exc}): is the port in use or the address "
+                               f"not local? change [node] listen") from None
+        if port == 0:
+            raise NetworkError(f"cannot listen on {listen}: the port is in use or the address is not local; "
+                               f"change [node] listen")
+        await server.start()
+        self._server = server
+        await self._set_serving(True)
+        host = listen.rpartition(":")[0]
+        return f"{host}:{port}"
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            result = self.health.set(name, status)
+            if hasattr(result, "__await__"):
+                await result
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.secure_channel(address, self._credentials,
+                                              options=tls.channel_options(MAX_MESSAGE))
+            self._channels[address] = channel
+        return channel
+
+    def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
+        return peer_pb2_grpc.PeerStub(self._channel(address))
+
+    async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
+        try:
+            return await self._stub(address).Handshake(hello, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(address, exc) from None
+
+    async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
+        try:
+            return await self._stub(address).Gossip(digest, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(address, exc) from None
+
+    async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
+        try:
+            return await self._stub(address).PushMessenger(chunks, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(address, exc) from None
+
+    async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
+        call = self._stub(address).FetchState(request, timeout=timeout)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _call_error(address, exc) from None
+        finally:
+            call.cancel()
+
+    async def close(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._set_serving(False)
+            await self._server.stop(grace)
+            self._server = None
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,141 @@
+"""In-process twin of the gRPC transport, for simulating large meshes in one process.
+
+Same semantics as `GrpcTransport`: messages are serialized and parsed on every hop (so no
+object is shared between nodes), refusals come back as `PeerCallError` with the same reason
+and status code, streams are pulled one chunk at a time, and faults (down nodes, partitions,
+latency) look to the caller like the network's UNAVAILABLE / DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fednode.errors import ProtocolError, Reason
+from fednode.transport.base import Caller, PeerCallError, PeerHandler, Transport, status_code_for
+from fednode.v1 import peer_pb2 as pb
+
+T = TypeVar("T")
+
+
+@dataclass
+class MemoryNetwork:
+    """The shared medium: who listens where, and which links are cut or slow."""
+
+    handlers: dict[str, tuple[PeerHandler, str]] = field(default_factory=dict)  # address -> (handler, node)
+    cut: set[frozenset[str]] = field(default_factory=set)  # pairs of addresses that cannot talk
+    latency_s: dict[str, float] = field(default_factory=dict)  # added to every call to/from an address
+    bytes_moved: int = 0
+    _next_port: int = 1
+
+    def allocate(self) -> str:
+        self._next_port += 1
+        return f"mem:{self._next_port}"
+
+    def partition(self, group_a: list[str], group_b: list[str]) -> None:
+        self.cut.update(frozenset((a, b)) for a in group_a for b in group_b)
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def reachable(self, src: str, dst: str) -> bool:
+        return dst in self.handlers and frozenset((src, dst)) not in self.cut
+
+
+def _copy(msg: T) -> T:
+    data = msg.SerializeToString()  # type: ignore[attr-defined]
+    clone = type(msg)()
+    clone.ParseFromString(data)  # type: ignore[attr-defined]
+    return clone
+
+
+class MemoryTransport(Transport):
+    def __init__(self, network: MemoryNetwork, node_id: str):
+        self.network = network
+        self.node_id = node_id
+        self.address = ""
+
+    async def serve(self, handler: PeerHandler, listen: str) -> str:
+        address = listen if listen and not listen.endswith(":0") else self.network.allocate()
+        self.network.handlers[address] = (handler, self.node_id)
+        self.address = address
+        return address
+
+    async def close(self, grace: float = 1.0) -> None:
+        self.network.handlers.pop(self.address, None)
+
+    def _target(self, address: str) -> PeerHandler:
+        if not self.network.reachable(self.address, address):
+            raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "no route to peer")
+        return self.network.handlers[address][0]
+
+    async def _delay(self, address: str) -> None:
+        delay = self.network.latency_s.get(address, 0.0) + self.network.latency_s.get(self.address, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+
+    async def _unary(self, address: str, call: Awaitable[T], timeout: float) -> T:
+        try:
+            return _copy(await asyncio.wait_for(call, timeout))
+        except ProtocolError as exc:
+            raise PeerCallError(address, status_code_for(exc.reason), exc.reason, exc.detail) from None
+        except TimeoutError:
+            raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
+
+    async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
+        handler = self._target(address)
+        await self._delay(address)
+        return await self._unary(address, handler.handle_handshake(_copy(hello), Caller(self.node_id)), timeout)
+
+    async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
+        handler = self._target(address)
+        await self._delay(address)
+        return await self._unary(address, handler.handle_gossip(_copy(digest), Caller(self.node_id)), timeout)
+
+    async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
+        handler = self._target(address)
+        await self._delay(address)
+        network, src = self.network, self.address
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise PeerCallError(address, "INVALID_ARGUMENT", Reason.MALFORMED, "empty stream") from None
+
+        async def wire() -> AsyncIterator[pb.Chunk]:
+            async for chunk in chunks:
+                if not network.reachable(src, address):
+                    raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "link cut mid-stream")
+                network.bytes_moved += len(chunk.data)
+                yield _copy(chunk)
+
+        if not first.HasField("start"):
+            raise PeerCallError(address, "INVALID_ARGUMENT", Reason.MALFORMED, "first chunk carries no start")
+        return await self._unary(address, handler.handle_push(_copy(first.start), wire(), Caller(self.node_id)),
+                                 timeout)
+
+    async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
+        handler = self._target(address)
+        await self._delay(address)
+        deadline = asyncio.get_running_loop().time() + timeout
+        stream = handler.handle_fetch(_copy(request), Caller(self.node_id))
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise TimeoutError
+                if not self.network.reachable(self.address, address):
+                    raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "link cut mid-stream")
+                try:
+                    chunk = await asyncio.wait_for(anext(stream), remaining)
+                except StopAsyncIteration:
+                    return
+                self.network.bytes_moved += len(chunk.data)
+                yield _copy(chunk)
+        except ProtocolError as exc:
+            raise PeerCallError(address, status_code_for(exc.reason), exc.reason, exc.detail) from None
+        except TimeoutError:
+            raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]

@@ -102,7 +102,11 @@ def init_cmd(path: Path, name: str, listen: str, seeds: tuple[str, ...], force: 
 
     if path.exists() and not force:
         _fail(f"{path} already exists: pass --force to overwrite it or choose another --path", ExitCode.USAGE)
-    path.write_text(example_config(name=name, listen=listen, seeds=list(seeds)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(example_config(name=name, listen=listen, seeds=list(seeds)))
+    except OSError as exc:
+        _fail(f"cannot write {path} ({exc.strerror}): choose a writable --path", ExitCode.USAGE)
     click.echo(f"wrote {path}: edit [tls] and [data], then `fednode run --config {path}`")
 
 

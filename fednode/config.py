@@ -7,6 +7,7 @@ operator reading journald sees what to change without reading code.
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -219,10 +220,12 @@ def parse_config(raw: dict[str, Any], base: Path, source: Path | None = None) ->
         sections[name] = cls(**values)
     if "node" not in sections:
         raise ConfigError("section [node] is missing: run `fednode init` for a commented example")
-    # relative defaults are relative to the config's directory too
-    node = sections["node"]
-    if not node.data_dir.is_absolute():
-        sections["node"] = NodeSection(**{**node.__dict__, "data_dir": base / node.data_dir})
+    # relative defaults (sections or keys left out) are relative to the config's directory too
+    for name, cls in _SECTION_TYPES.items():
+        section = sections.get(name) or cls()
+        moved = {key: base / getattr(section, key) for (sec, key) in _PATH_KEYS
+                 if sec == name and getattr(section, key) is not None and not getattr(section, key).is_absolute()}
+        sections[name] = cls(**{**section.__dict__, **moved})
     cfg = Config(**sections, source=source)
     _validate(cfg)
     return cfg
@@ -311,7 +314,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(str(value), ensure_ascii=False)  # JSON strings are valid TOML basic strings
 
 
 def to_toml(raw: dict[str, dict[str, Any]]) -> str:

@@ -105,6 +105,15 @@ class LocalMesh:
         atexit.register(mesh.stop_all)
         return mesh
 
+    def configure(self, name: str, section: str, **values: Any) -> None:
+        """Change one node's config before (re)starting it."""
+        import tomllib
+
+        path = self.node(name).config_path
+        raw = tomllib.loads(path.read_text())
+        raw.setdefault(section, {}).update(values)
+        path.write_text(to_toml(raw))
+
     def prepare_tokenizer(self) -> None:
         """Build the shared tokenizer once, so N daemons do not all train it at start."""
         import tomllib

@@ -135,7 +135,7 @@ class Membership:
         current = self.members.get(body.node_id)
         if not is_newer(record, body, current):
             return
-        if current is None or current.hello.body != record.hello.body:
+        if current is None or current.hello != record.hello:
             try:  # a new identity or payload key: verify before believing it
                 body = verify_hello(self.trust, record.hello)
                 check_compatible(self.self_member.body, body)

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._drain_requested = asyncio.Event()
         self.gossiper: Gossiper | None = None
+        self._lock = None
+        self._metrics_server = None
 
     async def start(self) -> NodeContext:
         cfg = self.cfg
@@ -71,6 +74,7 @@ class Daemon:
         identity = load_identity(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
         trust = TrustStore(identity.ca_pem)
         journal = Journal.open(cfg.node.data_dir / "journal.db")
+        shutil.rmtree(cfg.node.data_dir / "incoming", ignore_errors=True)  # partial state fetches of a past run
         payload_key = PayloadKey.load_or_create(cfg.node.data_dir / "payload.key")
         learner = await asyncio.to_thread(LocalModelLearner, cfg)
         self.learner = learner
@@ -154,6 +158,12 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        try:
+            return await self._serve()
+        finally:
+            await self.close()
+
+    async def _serve(self) -> int:
         ctx = await self.start()
         assert self.gossiper is not None
         gossip_task = asyncio.create_task(self.gossiper.run(), name="gossip")
@@ -161,6 +171,7 @@ class Daemon:
         drain_task = asyncio.create_task(self._drain_requested.wait(), name="drain")
         await asyncio.wait({rounds_task, drain_task}, return_when=asyncio.FIRST_COMPLETED)
         if rounds_task.done() and rounds_task.exception() is not None:
+            self.gossiper.stop.set()
             raise rounds_task.exception()  # type: ignore[misc]
         if not self._drain_requested.is_set():
             log.info("all rounds done: still serving peers until drained", extra={"round": ctx.committed_round})
@@ -175,17 +186,21 @@ class Daemon:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.gossiper.say_goodbye(), 3.0)
         await gossip_task
-        await self.close()
         log.info("stopped", extra={"round": ctx.committed_round})
         return 0
 
     async def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.phase = Phase.STOPPED
-            await self.ctx.transport.close(grace=1.0)
+        """Idempotent: stop servers, close the journal, release the data-dir lock."""
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            ctx.phase = Phase.STOPPED
+            await ctx.transport.close(grace=1.0)
             for server in self._servers:
                 await server.stop(0.5)
-            if getattr(self, "_metrics_server", None) is not None:
+            self._servers.clear()
+            if self._metrics_server is not None:
                 self._metrics_server.shutdown()
-            self.ctx.journal.close()
-        self._lock.close()
+            ctx.journal.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -17,6 +17,7 @@ from fednode.node.context import NodeContext, Phase
 from fednode.node.exchange import fetch_state, push_update
 from fednode.node.learner import Learner
 from fednode.node.schedule import expected_senders, push_targets
+from fednode.store.atomic import fsync_dir
 from fednode.store.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from fednode.store.journal import RoundRecord
 from fednode.transport.base import PeerCallError
@@ -71,6 +72,7 @@ class RoundLoop:
         tensors, _ = await asyncio.to_thread(load_checkpoint, fetched.path, fetched.sha256)
         self.learner.restore(tensors)
         fetched.path.replace(ctx.checkpoint_dir / name)
+        fsync_dir(ctx.checkpoint_dir)  # the file must be durable before the journal points at it
         self.commit(RoundRecord(round=fetched.round, epoch=fetched.epoch, level=ctx.level, checkpoint=name,
                                 checkpoint_sha256=fetched.sha256, loss_before=math.nan, loss_after=math.nan,
                                 tokens=0, bytes_sent=0, bytes_received=fetched.nbytes, merged_from=[],

@@ -15,7 +15,7 @@ import math
 def push_targets(round_: int, sender: str, members: list[str], fanout: int) -> list[str]:
     ids = sorted(set(members) | {sender})
     n = len(ids)
-    if n < 2:
+    if n < 2 or fanout < 1:
         return []
     hops = max(1, math.ceil(math.log2(n)))
     i = ids.index(sender)

@@ -7,6 +7,8 @@ reason in trailing metadata. Health checking and server reflection are served al
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -45,6 +47,21 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
     await context.abort(code, exc.detail)
 
 
+async def _drain(stream, max_chunks: int = 65_536, max_seconds: float = 3.0) -> None:
+    """Read (and drop) a little of a refused client stream before answering: a status sent while
+    the client is still writing can be lost to a stream reset, and the peer would then see an
+    untyped error instead of the reason. Bounded, so a hostile endless stream costs us little."""
+    async def consume() -> None:
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count >= max_chunks:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), max_seconds)
+
+
 class PeerServicer(peer_pb2_grpc.PeerServicer):
     """Adapts gRPC calls to a PeerHandler."""
 
@@ -72,8 +89,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
     async def PushMessenger(self, request_iterator, context):  # noqa: N802
         caller = _caller(context)
+        stream = request_iterator.__aiter__()
         try:
-            stream = request_iterator.__aiter__()
             try:
                 first = await anext(stream)
             except StopAsyncIteration:
@@ -83,6 +100,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                 raise ProtocolError(Reason.MALFORMED, "the first chunk must carry the envelope start")
             return await self.handler.handle_push(first.start, stream, caller)
         except ProtocolError as exc:
+            await _drain(stream)
             await self._refuse(context, exc, caller)
 
     async def FetchState(self, request, context):  # noqa: N802
@@ -114,13 +132,7 @@ class GrpcTransport(Transport):
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
     async def serve(self, handler: PeerHandler, listen: str) -> str:
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ])
+        server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(handler, self.on_refusal), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -77,8 +77,12 @@ class MemoryTransport(Transport):
             await asyncio.sleep(delay)
 
     async def _unary(self, address: str, call: Awaitable[T], timeout: float) -> T:
+        async def delayed() -> T:  # latency counts against the deadline, as on a real network
+            await self._delay(address)
+            return await call
+
         try:
-            return _copy(await asyncio.wait_for(call, timeout))
+            return _copy(await asyncio.wait_for(delayed(), timeout))
         except ProtocolError as exc:
             raise PeerCallError(address, status_code_for(exc.reason), exc.reason, exc.detail) from None
         except TimeoutError:
@@ -86,17 +90,14 @@ class MemoryTransport(Transport):
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         handler = self._target(address)
-        await self._delay(address)
         return await self._unary(address, handler.handle_handshake(_copy(hello), Caller(self.node_id)), timeout)
 
     async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
         handler = self._target(address)
-        await self._delay(address)
         return await self._unary(address, handler.handle_gossip(_copy(digest), Caller(self.node_id)), timeout)
 
     async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
         handler = self._target(address)
-        await self._delay(address)
         network, src = self.network, self.address
         try:
             first = await anext(chunks)
@@ -117,8 +118,12 @@ class MemoryTransport(Transport):
 
     async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
         handler = self._target(address)
-        await self._delay(address)
         deadline = asyncio.get_running_loop().time() + timeout
+        delay = self.network.latency_s.get(address, 0.0) + self.network.latency_s.get(self.address, 0.0)
+        if delay >= timeout:
+            await asyncio.sleep(timeout)
+            raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded")
+        await self._delay(address)
         stream = handler.handle_fetch(_copy(request), Caller(self.node_id))
         try:
             while True:

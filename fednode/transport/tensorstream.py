@@ -103,7 +103,7 @@ def decode(buffer: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dic
         raise ProtocolError(Reason.MALFORMED, f"payload header length {header_len} exceeds the payload")
     try:
         header = json.loads(bytes(view[8:8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(Reason.MALFORMED, f"payload header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Reason.MALFORMED, "payload header is not an object")
@@ -119,7 +119,7 @@ def decode(buffer: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dic
             dtype = CODE_DTYPES[info["dtype"]]
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise ProtocolError(Reason.MALFORMED, f"tensor {name!r} has a malformed header entry") from None
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len:
             raise ProtocolError(Reason.MALFORMED, f"tensor {name!r} lies outside the payload")

@@ -1,0 +1,24 @@
+"""Test helpers: build throw-away meshes (CA + node identities) in tmp dirs; no certs in the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fednode.security import pki
+
+LOOPBACK = ["127.0.0.1", "localhost"]
+
+
+def make_ca(directory: Path, name: str = "test mesh CA") -> Path:
+    pki.init_ca(directory, name=name)
+    return directory
+
+
+def make_identity(ca_dir: Path, name: str, addresses: list[str] | None = None) -> pki.NodeIdentity:
+    files = pki.issue_node(ca_dir, name, addresses or LOOPBACK)
+    return pki.load_identity(files.cert_path, files.key_path, files.ca_path)
+
+
+def make_mesh(directory: Path, names: tuple[str, ...] = ("n1", "n2")) -> dict[str, pki.NodeIdentity]:
+    make_ca(directory)
+    return {name: make_identity(directory, name) for name in names}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 
-import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fednode.errors import Reason
-from fednode.launcher import LocalMesh
+from fednode.launcher import LocalMesh, free_ports
 from fednode.node.exchange import Recipient
 from fednode.operator_client import fetch_peers
 from fednode.security import tls
@@ -49,6 +49,7 @@ def mesh(tmp_path_factory):
     root = tmp_path_factory.mktemp("mesh")
     m = LocalMesh.create(root, 4, code_bytes=60_000, overrides=FAST)
     m.configure("node-3", "model", preset="tiny")  # an incompatible family, started by one test only
+    m.configure("node-0", "metrics", listen=f"127.0.0.1:{free_ports(1)[0]}")
     m.prepare_tokenizer()
     for name in NAMES:
         m.start(name)
@@ -106,6 +107,19 @@ def test_operator_cli_status_and_peers(mesh):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "node-1" in out.stdout and "node-2" in out.stdout and "alive" in out.stdout
+
+
+def test_prometheus_metrics_endpoint(mesh):
+    import tomllib
+    import urllib.request
+
+    listen = tomllib.loads(mesh.node("node-0").config_path.read_text())["metrics"]["listen"]
+    body = urllib.request.urlopen(f"http://{listen}/metrics", timeout=10).read().decode()
+    status = mesh.status("node-0")
+    assert 'fednode_peers{state="alive"} 2.0' in body
+    assert "fednode_round " in body and "fednode_bytes_sent_total{peer=" in body
+    sent_round = next(float(line.split()[1]) for line in body.splitlines() if line.startswith("fednode_round "))
+    assert sent_round >= 1 and int(status["round"]) >= sent_round
 
 
 def test_health_and_reflection_are_served_over_mtls(mesh):

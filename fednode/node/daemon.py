@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fednode import PROTOCOL_VERSION
@@ -30,9 +31,10 @@ from fednode.node.rounds import RoundLoop
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.hello import sign_hello
-from fednode.security.pki import TrustStore, load_identity
+from fednode.security.pki import NodeIdentity, TrustStore, load_identity
 from fednode.store.checkpoint import latest_good_round
 from fednode.store.journal import Journal
+from fednode.transport.base import Transport
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.v1 import peer_pb2 as pb
 
@@ -58,8 +60,12 @@ def lock_data_dir(data_dir: Path):
 
 
 class Daemon:
-    def __init__(self, cfg: Config):
+    """A node. `transport_factory` (identity -> Transport) defaults to real mTLS gRPC; simulations
+    pass the in-memory twin so many full nodes run in one process."""
+
+    def __init__(self, cfg: Config, transport_factory: Callable[[NodeIdentity], Transport] | None = None):
         self.cfg = cfg
+        self.transport_factory = transport_factory or GrpcTransport
         self.ctx: NodeContext | None = None
         self._servers: list = []
         self._tasks: list[asyncio.Task] = []
@@ -79,7 +85,7 @@ class Daemon:
         learner = await asyncio.to_thread(LocalModelLearner, cfg)
         self.learner = learner
 
-        transport = GrpcTransport(identity)
+        transport = self.transport_factory(identity)
         metrics = NodeMetrics(identity.node_id)
         body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION,
                             tokenizer_hash=learner.info.tokenizer_hash, family_hash=learner.info.family_hash,
@@ -93,7 +99,6 @@ class Daemon:
         self._restore(ctx)
 
         service = PeerService(ctx, learner.validate)
-        transport.on_refusal = service.refused
         bound = await transport.serve(service, cfg.node.listen)
         if cfg.advertise.endswith(":0"):
             body.address = bound
@@ -158,6 +163,13 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        try:
+            return await self._serve()
+        finally:
+            await self.close()
+
+    async def serve(self) -> int:
+        """Run without installing signal handlers (for embedding several nodes in one loop)."""
         try:
             return await self._serve()
         finally:

@@ -54,7 +54,39 @@ class PeerService:
         log.warning("refused peer message: %s", exc.detail,
                     extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 
+    # Each handler counts and logs its own refusals, so every transport reports them the same way.
+
     async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
+        try:
+            return await self._handshake(hello, caller)
+        except ProtocolError as exc:
+            self.refused(exc, caller)
+            raise
+
+    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
+        try:
+            return await self._gossip(digest, caller)
+        except ProtocolError as exc:
+            self.refused(exc, caller)
+            raise
+
+    async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
+                          caller: Caller) -> pb.Receipt:
+        try:
+            return await self._push(start, chunks, caller)
+        except ProtocolError as exc:
+            self.refused(exc, caller)
+            raise
+
+    async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
+        try:
+            async for chunk in self._fetch(request, caller):
+                yield chunk
+        except ProtocolError as exc:
+            self.refused(exc, caller)
+            raise
+
+    async def _handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         body = verify_hello(self.ctx.trust, hello)
         if caller.node_id is not None and caller.node_id != body.node_id:
             raise ProtocolError(Reason.BAD_CERTIFICATE,
@@ -63,7 +95,7 @@ class PeerService:
         self.ctx.membership.merge_hello(hello)
         return self.ctx.own_hello
 
-    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
+    async def _gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         if not self.gossip_limit.allow(caller.node_id or "?"):
             raise ProtocolError(Reason.RATE_LIMITED, "too many gossip calls: slow down")
         outcome = self.ctx.membership.merge(digest)
@@ -71,8 +103,7 @@ class PeerService:
             self.refused(exc, Caller(peer))
         return self.ctx.membership.digest()
 
-    async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
-                          caller: Caller) -> pb.Receipt:
+    async def _push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk], caller: Caller) -> pb.Receipt:
         ctx = self.ctx
         if ctx.draining:
             raise ProtocolError(Reason.NOT_READY, "node is draining")
@@ -99,7 +130,7 @@ class PeerService:
         log.debug("update received", extra={"peer": update.sender, "round": update.round, "bytes": update.nbytes})
         return pb.Receipt(accepted=True, bytes_received=update.nbytes)
 
-    async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
+    async def _fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
         ctx = self.ctx
         if caller.node_id is not None and caller.node_id != request.requester_id:
             raise ProtocolError(Reason.BAD_CERTIFICATE, f"request names {request.requester_id!r} but the TLS peer "

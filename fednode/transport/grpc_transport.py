@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,12 +65,10 @@ async def _drain(stream, max_chunks: int = 65_536, max_seconds: float = 3.0) -> 
 class PeerServicer(peer_pb2_grpc.PeerServicer):
     """Adapts gRPC calls to a PeerHandler."""
 
-    def __init__(self, handler: PeerHandler, on_refusal: Callable[[ProtocolError, Caller], None] | None = None):
+    def __init__(self, handler: PeerHandler):
         self.handler = handler
-        self.on_refusal = on_refusal or (lambda exc, caller: None)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, exc: ProtocolError, caller: Caller) -> None:
-        self.on_refusal(exc, caller)
         await _abort(context, exc)
 
     async def Handshake(self, request, context):  # noqa: N802 (generated name)
@@ -123,9 +121,8 @@ def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
 class GrpcTransport(Transport):
     """Client and server halves over one identity. Channels are cached per address."""
 
-    def __init__(self, identity: NodeIdentity, on_refusal: Callable[[ProtocolError, Caller], None] | None = None):
+    def __init__(self, identity: NodeIdentity):
         self.identity = identity
-        self.on_refusal = on_refusal
         self._credentials = tls.channel_credentials(identity)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._server: grpc.aio.Server | None = None
@@ -133,7 +130,7 @@ class GrpcTransport(Transport):
 
     async def serve(self, handler: PeerHandler, listen: str) -> str:
         server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(handler, self.on_refusal), server)
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:

@@ -9,7 +9,7 @@ latency) look to the caller like the network's UNAVAILABLE / DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -76,10 +76,10 @@ class MemoryTransport(Transport):
         if delay:
             await asyncio.sleep(delay)
 
-    async def _unary(self, address: str, call: Awaitable[T], timeout: float) -> T:
+    async def _unary(self, address: str, call: Callable[[], Awaitable[T]], timeout: float) -> T:
         async def delayed() -> T:  # latency counts against the deadline, as on a real network
             await self._delay(address)
-            return await call
+            return await call()
 
         try:
             return _copy(await asyncio.wait_for(delayed(), timeout))
@@ -90,11 +90,13 @@ class MemoryTransport(Transport):
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         handler = self._target(address)
-        return await self._unary(address, handler.handle_handshake(_copy(hello), Caller(self.node_id)), timeout)
+        return await self._unary(address, lambda: handler.handle_handshake(_copy(hello), Caller(self.node_id)),
+                                 timeout)
 
     async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
         handler = self._target(address)
-        return await self._unary(address, handler.handle_gossip(_copy(digest), Caller(self.node_id)), timeout)
+        return await self._unary(address, lambda: handler.handle_gossip(_copy(digest), Caller(self.node_id)),
+                                 timeout)
 
     async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
         handler = self._target(address)
@@ -113,7 +115,7 @@ class MemoryTransport(Transport):
 
         if not first.HasField("start"):
             raise PeerCallError(address, "INVALID_ARGUMENT", Reason.MALFORMED, "first chunk carries no start")
-        return await self._unary(address, handler.handle_push(_copy(first.start), wire(), Caller(self.node_id)),
+        return await self._unary(address, lambda: handler.handle_push(_copy(first.start), wire(), Caller(self.node_id)),
                                  timeout)
 
     async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:

@@ -45,9 +45,7 @@ def _average_one(name: str, holders: list[tuple[torch.Tensor, float]]) -> torch.
         if not tensor.is_floating_point():
             raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}: only floating tensors average")
         if tensor.ndim != first.ndim:
-            raise ValueError(
-                f"tensor {name!r} has {tensor.ndim} dims in one contribution, {first.ndim} in another"
-            )
+            raise ValueError(f"tensor {name!r} has {tensor.ndim} dims in one contribution, {first.ndim} in another")
     acc_dtype = _accum_dtype(first.dtype)
     if all(t.shape == first.shape for t, _ in holders):
         acc = torch.zeros(first.shape, dtype=acc_dtype)
@@ -126,6 +124,4 @@ def validate_update(
         if max_norm is not None:
             sq_norm += float(tensor.detach().double().pow(2).sum())
     if max_norm is not None and math.sqrt(sq_norm) > max_norm:
-        raise ProtocolError(
-            Reason.MALFORMED, f"update norm {math.sqrt(sq_norm):.4g} exceeds the limit {max_norm:.4g}"
-        )
+        raise ProtocolError(Reason.MALFORMED, f"update norm {math.sqrt(sq_norm):.4g} exceeds the limit {max_norm:.4g}")

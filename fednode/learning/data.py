@@ -21,21 +21,14 @@ import torch
 from fednode.errors import ConfigError
 
 # Directory names never searched for training code: caches, vendored installs and tests.
-SKIP_DIRS = frozenset(
-    {"__pycache__", "site-packages", "dist-packages", "node_modules", "test", "tests", "testing"}
-)
+SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules", "test", "tests", "testing"})
 # Extra stdlib directories that are build artefacts or test-only (checked by prefix).
 _STDLIB_SKIP_PREFIXES = ("config-", "lib-dynload")
 
 
 def _skip_dir(name: str) -> bool:
     """Hidden, cache, vendored and test directories hold no code we want to learn from."""
-    return (
-        name.startswith(".")
-        or name in SKIP_DIRS
-        or name.startswith("test_")
-        or name.endswith(("_test", "_tests"))
-    )
+    return name.startswith(".") or name in SKIP_DIRS or name.startswith("test_") or name.endswith(("_test", "_tests"))
 
 
 def _is_text(path: Path) -> bool:
@@ -77,9 +70,7 @@ def stdlib_root() -> Path:
 def stdlib_files() -> list[Path]:
     """The stdlib .py files without tests, site-packages or build directories, sorted."""
     root = stdlib_root()
-    return [
-        p for p in list_code_files(root) if not p.relative_to(root).parts[0].startswith(_STDLIB_SKIP_PREFIXES)
-    ]
+    return [p for p in list_code_files(root) if not p.relative_to(root).parts[0].startswith(_STDLIB_SKIP_PREFIXES)]
 
 
 @dataclass(frozen=True)
@@ -105,10 +96,7 @@ def _stdlib_groups(files: list[Path], root: Path, n: int, seed: int) -> list[_Gr
             modules.append(path)
         else:
             packages.setdefault(parts[0], []).append(path)
-    groups = [
-        _Group(name, tuple(paths), sum(_file_size(p) for p in paths))
-        for name, paths in sorted(packages.items())
-    ]
+    groups = [_Group(name, tuple(paths), sum(_file_size(p) for p in paths)) for name, paths in sorted(packages.items())]
     total = sum(g.size for g in groups) + sum(_file_size(p) for p in modules)
     bundle_bytes = max(1, total // (3 * n))
     rng = random.Random(seed)
@@ -157,9 +145,7 @@ def stdlib_partitions(n: int, seed: int = 0) -> list[list[Path]]:
     """Split the stdlib into n disjoint, non-empty, non-IID partitions of similar byte size."""
     files = stdlib_files()
     if n < 1 or n > len(files):
-        raise ConfigError(
-            f"cannot split the stdlib into {n} partitions: use between 1 and {len(files)} nodes"
-        )
+        raise ConfigError(f"cannot split the stdlib into {n} partitions: use between 1 and {len(files)} nodes")
     groups = _stdlib_groups(files, stdlib_root(), n, seed)
     while len(groups) < n:
         groups = _split_largest(groups)
@@ -237,8 +223,7 @@ class TokenDataset:
         n_blocks = len(ids) // seq_len
         if n_blocks < 2:
             raise ConfigError(
-                f"data dir {root} holds only {len(ids)} tokens: "
-                f"add code or lower seq_len below {len(ids) // 2}"
+                f"data dir {root} holds only {len(ids)} tokens: add code or lower seq_len below {len(ids) // 2}"
             )
         blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int32).view(n_blocks, seq_len)
         n_hold = min(n_blocks - 1, max(1, round(n_blocks * holdout_fraction)))

@@ -95,9 +95,7 @@ def build_tokenizer(cache_dir: Path, vocab_size: int = 4096) -> PreTrainedTokeni
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot create tokenizer cache dir {cache_dir} ({exc}): pick a writable path"
-        ) from exc
+        raise ConfigError(f"cannot create tokenizer cache dir {cache_dir} ({exc}): pick a writable path") from exc
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the node's processes

@@ -16,7 +16,7 @@ import torch
 from fednode.config import Config
 from fednode.learning.aggregate import fedavg, validate_update
 from fednode.learning.data import TokenDataset
-from fednode.learning.models import PRESETS, build_model, family_hash, load_state_tensors, state_tensors
+from fednode.learning.models import build_model, family_hash, load_state_tensors, resolve_preset, state_tensors
 from fednode.learning.tokenizer import build_tokenizer, tokenizer_hash
 from fednode.learning.trainer import LocalTrainer, TrainResult, evaluate
 
@@ -53,7 +53,7 @@ class LocalModelLearner:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
         self.tokenizer = build_tokenizer(Path(cfg.tokenizer_cache), vocab_size=cfg.model.vocab_size)
-        preset = PRESETS[cfg.model.preset]
+        preset = resolve_preset(cfg.model.preset)
         self.model = build_model(preset, self.tokenizer, seed=cfg.model.seed)
         self.dataset = TokenDataset.from_dir(cfg.data.dir, self.tokenizer, seq_len=cfg.data.seq_len,
                                              max_tokens=cfg.data.max_tokens, seed=cfg.model.seed)

@@ -34,10 +34,18 @@ from fednode.learning.models import (
 from fednode.learning.tokenizer import build_tokenizer, select_corpus, tokenizer_hash
 from fednode.learning.trainer import LocalTrainer, TrainResult, evaluate
 
+TRAINED_VOCAB = 1024  # not shipped: exercises the train-and-cache path
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
+    """The shipped default tokenizer (what every node loads)."""
     return build_tokenizer(tmp_path_factory.mktemp("tokcache"))
+
+
+@pytest.fixture(scope="module")
+def trained_tok(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokcache"), vocab_size=TRAINED_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +62,21 @@ def small_data_dir(tmp_path_factory) -> Path:
 _BUILD = (
     "import sys; from pathlib import Path;"
     "from fednode.learning.tokenizer import build_tokenizer, tokenizer_hash;"
-    "print(tokenizer_hash(build_tokenizer(Path(sys.argv[1]))))"
+    f"print(tokenizer_hash(build_tokenizer(Path(sys.argv[1]), vocab_size={TRAINED_VOCAB})))"
 )
 
+# Pinned: every site must load exactly this tokenizer. Rebuilding the asset changes it on purpose
+# (scripts/build_tokenizer_asset.py) and then this constant changes with it.
+SHIPPED_4096_HASH = "20a4f484e913e5994fbf35a8ab21f2e77586fd461005cc323d2b5a7ba2adce9d"
 
-def test_tokenizer_build_is_deterministic_across_processes(tok, tmp_path):
+
+def test_default_tokenizer_is_the_shipped_asset_and_writes_no_cache(tok, tmp_path):
+    again = build_tokenizer(tmp_path)
+    assert tokenizer_hash(again) == tokenizer_hash(tok) == SHIPPED_4096_HASH
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_build_is_deterministic_across_processes(trained_tok, tmp_path):
     # two fresh processes race to build into one new cache dir; the fixture built in another dir
     procs = [
         subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -67,8 +85,8 @@ def test_tokenizer_build_is_deterministic_across_processes(tok, tmp_path):
     hashes = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(hashes[0]) == 64
-    assert hashes[0] == hashes[1] == tokenizer_hash(tok)
-    assert Path(tok.name_or_path).parent != tmp_path
+    assert hashes[0] == hashes[1] == tokenizer_hash(trained_tok)
+    assert Path(trained_tok.name_or_path).parent != tmp_path
     assert len(list(tmp_path.iterdir())) == 1  # one cache entry, no temp dirs left behind
 
 
@@ -83,27 +101,28 @@ def test_tokenizer_cache_reuse_and_special_tokens(tok, tmp_path):
     assert len(ids) < len(text.encode()) / 2  # the BPE really compresses code
 
 
-def test_tokenizer_cache_dir_is_reused(tok, tmp_path_factory):
-    cache = Path(tok.name_or_path).parent
+def test_tokenizer_cache_dir_is_reused(trained_tok, tmp_path_factory):
+    cache = Path(trained_tok.name_or_path).parent
     entries = list(cache.iterdir())
-    assert [e.name for e in entries if e.name.startswith("bpe-4096-")] == [Path(tok.name_or_path).name]
-    again = build_tokenizer(cache)  # loads, does not retrain
-    assert tokenizer_hash(again) == tokenizer_hash(tok)
+    prefix = f"bpe-{TRAINED_VOCAB}-"
+    assert [e.name for e in entries if e.name.startswith(prefix)] == [Path(trained_tok.name_or_path).name]
+    again = build_tokenizer(cache, vocab_size=TRAINED_VOCAB)  # loads, does not retrain
+    assert tokenizer_hash(again) == tokenizer_hash(trained_tok)
     assert sorted(e.name for e in cache.iterdir()) == sorted(e.name for e in entries)
 
 
-def test_tokenizer_build_loses_rename_race_gracefully(tok, tmp_path, monkeypatch):
+def test_tokenizer_build_loses_rename_race_gracefully(trained_tok, tmp_path, monkeypatch):
     import fednode.learning.tokenizer as tokmod
 
-    built = Path(tok.name_or_path)
+    built = Path(trained_tok.name_or_path)
 
     def fake_train(root, entries, vocab_size, out_dir):
         shutil.copytree(built, out_dir, dirs_exist_ok=True)
         shutil.copytree(built, tmp_path / built.name)  # "another process" finishes first
 
     monkeypatch.setattr(tokmod, "_train", fake_train)
-    again = build_tokenizer(tmp_path)
-    assert tokenizer_hash(again) == tokenizer_hash(tok)
+    again = build_tokenizer(tmp_path, vocab_size=TRAINED_VOCAB)
+    assert tokenizer_hash(again) == tokenizer_hash(trained_tok)
     assert [e.name for e in tmp_path.iterdir()] == [built.name]
 
 

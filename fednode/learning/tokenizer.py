@@ -1,8 +1,9 @@
 """The shared code tokenizer: a byte-level BPE trained offline, deterministically, on the stdlib.
 
 Peers must share one tokenizer (the handshake compares `tokenizer_hash`), and nothing may be
-downloaded, so every node trains the same BPE from the same fixed slice of the CPython
-standard library and caches it on disk.
+downloaded. The default (4096 tokens) ships with the package (fednode/learning/assets/, made by
+scripts/build_tokenizer_asset.py), so sites on different CPython versions still agree; other
+vocab sizes are trained from a fixed slice of the local standard library and cached on disk.
 """
 
 from __future__ import annotations
@@ -83,8 +84,26 @@ def _load(path: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def shipped_tokenizer_dir(vocab_size: int) -> Path | None:
+    path = ASSETS / f"bpe-{vocab_size}"
+    return path if (path / "tokenizer.json").is_file() else None
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Train the BPE from the local stdlib into out_dir (used to make the shipped asset)."""
+    root, entries = _corpus()
+    _train(root, entries, vocab_size, out_dir)
+
+
 def build_tokenizer(cache_dir: Path, vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """Train (or reuse from cache_dir) the shared BPE tokenizer; safe when processes race."""
+    """The shipped tokenizer for this vocab size, else train (or reuse from cache_dir) one;
+    safe when processes race."""
+    shipped = shipped_tokenizer_dir(vocab_size)
+    if shipped is not None:
+        return _load(shipped)
     if vocab_size < 512:
         raise ConfigError(f"vocab_size {vocab_size} is too small for byte-level BPE: use at least 512")
     cache_dir = Path(cache_dir)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64node/v1/operator.proto\x12\nfednode.v1\"\x0f\n\rStatusRequest\"\xd1\x02\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05level\x18\x06 \x01(\r\x12\x13\n\x0bpeers_alive\x18\x07 \x01(\r\x12\x15\n\rpeers_suspect\x18\x08 \x01(\r\x12\x12\n\npeers_dead\x18\t \x01(\r\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x10\n\x08uptime_s\x18\r \x01(\x01\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x15\n\rrounds_target\x18\x0f \x01(\r\x12\x10\n\x08rejected\x18\x10 \x01(\x04\x12\x19\n\x11\x63\x65rt_expires_in_s\x18\x11 \x01(\x01\"\x0e\n\x0cPeersRequest\"\x8c\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12\x12\n\nlast_round\x18\x05 \x01(\x04\x12\x13\n\x0blast_seen_s\x18\x06 \x01(\x01\x12\x13\n\x0bincarnation\x18\x07 \x01(\x04\"1\n\nPeersReply\x12#\n\x05peers\x18\x01 \x03(\x0b\x32\x14.fednode.v1.PeerInfo\"\x0e\n\x0c\x44rainRequest\"\x1e\n\nDrainReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xbe\x01\n\x08Operator\x12<\n\x06Status\x12\x19.fednode.v1.StatusRequest\x1a\x17.fednode.v1.StatusReply\x12\x39\n\x05Peers\x12\x18.fednode.v1.PeersRequest\x1a\x16.fednode.v1.PeersReply\x12\x39\n\x05\x44rain\x12\x18.fednode.v1.DrainRequest\x1a\x16.fednode.v1.DrainReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64node/v1/operator.proto\x12\nfednode.v1\"\x0f\n\rStatusRequest\"\xb2\x03\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05level\x18\x06 \x01(\r\x12\x13\n\x0bpeers_alive\x18\x07 \x01(\r\x12\x15\n\rpeers_suspect\x18\x08 \x01(\r\x12\x12\n\npeers_dead\x18\t \x01(\r\x12\x11\n\tlast_loss\x18\n \x01(\x01\x12\x12\n\nbytes_sent\x18\x0b \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x10\n\x08uptime_s\x18\r \x01(\x01\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x15\n\rrounds_target\x18\x0f \x01(\r\x12\x10\n\x08rejected\x18\x10 \x01(\x04\x12\x19\n\x11\x63\x65rt_expires_in_s\x18\x11 \x01(\x01\x12\x0c\n\x04mode\x18\x12 \x01(\t\x12\x0f\n\x07\x63\x65iling\x18\x13 \x01(\r\x12\x14\n\x0cquorum_level\x18\x14 \x01(\r\x12\x15\n\rtrained_level\x18\x15 \x01(\r\x12\x13\n\x0bnegotiation\x18\x16 \x01(\t\"\x0e\n\x0cPeersRequest\"\x8c\x01\n\x08PeerInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12\x12\n\nlast_round\x18\x05 \x01(\x04\x12\x13\n\x0blast_seen_s\x18\x06 \x01(\x01\x12\x13\n\x0bincarnation\x18\x07 \x01(\x04\"1\n\nPeersReply\x12#\n\x05peers\x18\x01 \x03(\x0b\x32\x14.fednode.v1.PeerInfo\"\x0e\n\x0c\x44rainRequest\"\x1e\n\nDrainReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xbe\x01\n\x08Operator\x12<\n\x06Status\x12\x19.fednode.v1.StatusRequest\x1a\x17.fednode.v1.StatusReply\x12\x39\n\x05Peers\x12\x18.fednode.v1.PeersRequest\x1a\x16.fednode.v1.PeersReply\x12\x39\n\x05\x44rain\x12\x18.fednode.v1.DrainRequest\x1a\x16.fednode.v1.DrainReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=41
   _globals['_STATUSREQUEST']._serialized_end=56
   _globals['_STATUSREPLY']._serialized_start=59
-  _globals['_STATUSREPLY']._serialized_end=396
-  _globals['_PEERSREQUEST']._serialized_start=398
-  _globals['_PEERSREQUEST']._serialized_end=412
-  _globals['_PEERINFO']._serialized_start=415
-  _globals['_PEERINFO']._serialized_end=555
-  _globals['_PEERSREPLY']._serialized_start=557
-  _globals['_PEERSREPLY']._serialized_end=606
-  _globals['_DRAINREQUEST']._serialized_start=608
-  _globals['_DRAINREQUEST']._serialized_end=622
-  _globals['_DRAINREPLY']._serialized_start=624
-  _globals['_DRAINREPLY']._serialized_end=654
-  _globals['_OPERATOR']._serialized_start=657
-  _globals['_OPERATOR']._serialized_end=847
+  _globals['_STATUSREPLY']._serialized_end=493
+  _globals['_PEERSREQUEST']._serialized_start=495
+  _globals['_PEERSREQUEST']._serialized_end=509
+  _globals['_PEERINFO']._serialized_start=512
+  _globals['_PEERINFO']._serialized_end=652
+  _globals['_PEERSREPLY']._serialized_start=654
+  _globals['_PEERSREPLY']._serialized_end=703
+  _globals['_DRAINREQUEST']._serialized_start=705
+  _globals['_DRAINREQUEST']._serialized_end=719
+  _globals['_DRAINREPLY']._serialized_start=721
+  _globals['_DRAINREPLY']._serialized_end=751
+  _globals['_OPERATOR']._serialized_start=754
+  _globals['_OPERATOR']._serialized_end=944
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "address", "state", "round", "epoch", "level", "peers_alive", "peers_suspect", "peers_dead", "last_loss", "bytes_sent", "bytes_received", "uptime_s", "version", "rounds_target", "rejected", "cert_expires_in_s")
+    __slots__ = ("node_id", "address", "state", "round", "epoch", "level", "peers_alive", "peers_suspect", "peers_dead", "last_loss", "bytes_sent", "bytes_received", "uptime_s", "version", "rounds_target", "rejected", "cert_expires_in_s", "mode", "ceiling", "quorum_level", "trained_level", "negotiation")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,11 @@ class StatusReply(_message.Message):
     ROUNDS_TARGET_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     CERT_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    NEGOTIATION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     state: str
@@ -46,7 +51,12 @@ class StatusReply(_message.Message):
     rounds_target: int
     rejected: int
     cert_expires_in_s: float
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., level: _Optional[int] = ..., peers_alive: _Optional[int] = ..., peers_suspect: _Optional[int] = ..., peers_dead: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., rounds_target: _Optional[int] = ..., rejected: _Optional[int] = ..., cert_expires_in_s: _Optional[float] = ...) -> None: ...
+    mode: str
+    ceiling: int
+    quorum_level: int
+    trained_level: int
+    negotiation: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., level: _Optional[int] = ..., peers_alive: _Optional[int] = ..., peers_suspect: _Optional[int] = ..., peers_dead: _Optional[int] = ..., last_loss: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., uptime_s: _Optional[float] = ..., version: _Optional[str] = ..., rounds_target: _Optional[int] = ..., rejected: _Optional[int] = ..., cert_expires_in_s: _Optional[float] = ..., mode: _Optional[str] = ..., ceiling: _Optional[int] = ..., quorum_level: _Optional[int] = ..., trained_level: _Optional[int] = ..., negotiation: _Optional[str] = ...) -> None: ...
 
 class PeersRequest(_message.Message):
     __slots__ = ()

@@ -29,6 +29,16 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOT_READY: _ClassVar[Reason]
     NO_STATE: _ClassVar[Reason]
     RATE_LIMITED: _ClassVar[Reason]
+    STALE_EPOCH: _ClassVar[Reason]
+    FUTURE_EPOCH: _ClassVar[Reason]
+    NOT_PROPOSER: _ClassVar[Reason]
+    BAD_LEVEL: _ClassVar[Reason]
+    BAD_SEED: _ClassVar[Reason]
+    BAD_ACTIVATION: _ClassVar[Reason]
+    TOO_SOON: _ClassVar[Reason]
+    CONFLICTING_PROPOSAL: _ClassVar[Reason]
+    BAD_ACK: _ClassVar[Reason]
+    DUPLICATE_ACK: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 PROTOCOL_MISMATCH: Reason
 TOKENIZER_MISMATCH: Reason
@@ -49,6 +59,16 @@ UNKNOWN_PEER: Reason
 NOT_READY: Reason
 NO_STATE: Reason
 RATE_LIMITED: Reason
+STALE_EPOCH: Reason
+FUTURE_EPOCH: Reason
+NOT_PROPOSER: Reason
+BAD_LEVEL: Reason
+BAD_SEED: Reason
+BAD_ACTIVATION: Reason
+TOO_SOON: Reason
+CONFLICTING_PROPOSAL: Reason
+BAD_ACK: Reason
+DUPLICATE_ACK: Reason
 
 class Capabilities(_message.Message):
     __slots__ = ("max_level", "step_time_s", "memory_bytes")
@@ -93,16 +113,86 @@ class SignedHello(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_der: _Optional[bytes] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("hello", "heartbeat", "left", "last_round")
+    __slots__ = ("hello", "heartbeat", "left", "last_round", "negotiation")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NEGOTIATION_FIELD_NUMBER: _ClassVar[int]
     hello: SignedHello
     heartbeat: int
     left: bool
     last_round: int
-    def __init__(self, hello: _Optional[_Union[SignedHello, _Mapping]] = ..., heartbeat: _Optional[int] = ..., left: _Optional[bool] = ..., last_round: _Optional[int] = ...) -> None: ...
+    negotiation: SignedBlob
+    def __init__(self, hello: _Optional[_Union[SignedHello, _Mapping]] = ..., heartbeat: _Optional[int] = ..., left: _Optional[bool] = ..., last_round: _Optional[int] = ..., negotiation: _Optional[_Union[SignedBlob, _Mapping]] = ...) -> None: ...
+
+class SignedBlob(_message.Message):
+    __slots__ = ("body", "signature", "certificate_der")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_DER_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    certificate_der: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_der: _Optional[bytes] = ...) -> None: ...
+
+class Agreement(_message.Message):
+    __slots__ = ("epoch", "level", "previous_level", "activate_round", "proposer", "growth_seed")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    GROWTH_SEED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    level: int
+    previous_level: int
+    activate_round: int
+    proposer: str
+    growth_seed: int
+    def __init__(self, epoch: _Optional[int] = ..., level: _Optional[int] = ..., previous_level: _Optional[int] = ..., activate_round: _Optional[int] = ..., proposer: _Optional[str] = ..., growth_seed: _Optional[int] = ...) -> None: ...
+
+class Proposal(_message.Message):
+    __slots__ = ("epoch", "level", "activate_round", "proposer", "growth_seed", "direction")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    GROWTH_SEED_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    level: int
+    activate_round: int
+    proposer: str
+    growth_seed: int
+    direction: str
+    def __init__(self, epoch: _Optional[int] = ..., level: _Optional[int] = ..., activate_round: _Optional[int] = ..., proposer: _Optional[str] = ..., growth_seed: _Optional[int] = ..., direction: _Optional[str] = ...) -> None: ...
+
+class NegotiationRecord(_message.Message):
+    __slots__ = ("node_id", "seq", "round", "ceiling", "over_budget_streak", "messenger_loss", "probe_signature", "committed", "proposal", "ack", "tokens")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CEILING_FIELD_NUMBER: _ClassVar[int]
+    OVER_BUDGET_STREAK_FIELD_NUMBER: _ClassVar[int]
+    MESSENGER_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    seq: int
+    round: int
+    ceiling: int
+    over_budget_streak: int
+    messenger_loss: float
+    probe_signature: bytes
+    committed: Agreement
+    proposal: Proposal
+    ack: Proposal
+    tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., round: _Optional[int] = ..., ceiling: _Optional[int] = ..., over_budget_streak: _Optional[int] = ..., messenger_loss: _Optional[float] = ..., probe_signature: _Optional[bytes] = ..., committed: _Optional[_Union[Agreement, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ..., ack: _Optional[_Union[Proposal, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Digest(_message.Message):
     __slots__ = ("sender_id", "records")
@@ -113,7 +203,7 @@ class Digest(_message.Message):
     def __init__(self, sender_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ...) -> None: ...
 
 class EnvelopeHeader(_message.Message):
-    __slots__ = ("sender_id", "recipient_id", "epoch", "round", "message_id", "kind", "ephemeral_public_key", "total_size", "chunk_size", "chunk_count", "first_chunk", "weight", "content_sha256", "created_unix_ms")
+    __slots__ = ("sender_id", "recipient_id", "epoch", "round", "message_id", "kind", "ephemeral_public_key", "total_size", "chunk_size", "chunk_count", "first_chunk", "weight", "content_sha256", "created_unix_ms", "level")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +218,7 @@ class EnvelopeHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     recipient_id: str
     epoch: int
@@ -142,7 +233,8 @@ class EnvelopeHeader(_message.Message):
     weight: float
     content_sha256: str
     created_unix_ms: int
-    def __init__(self, sender_id: _Optional[str] = ..., recipient_id: _Optional[str] = ..., epoch: _Optional[int] = ..., round: _Optional[int] = ..., message_id: _Optional[bytes] = ..., kind: _Optional[str] = ..., ephemeral_public_key: _Optional[bytes] = ..., total_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., first_chunk: _Optional[int] = ..., weight: _Optional[float] = ..., content_sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    level: int
+    def __init__(self, sender_id: _Optional[str] = ..., recipient_id: _Optional[str] = ..., epoch: _Optional[int] = ..., round: _Optional[int] = ..., message_id: _Optional[bytes] = ..., kind: _Optional[str] = ..., ephemeral_public_key: _Optional[bytes] = ..., total_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., first_chunk: _Optional[int] = ..., weight: _Optional[float] = ..., content_sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., level: _Optional[int] = ...) -> None: ...
 
 class EnvelopeStart(_message.Message):
     __slots__ = ("header", "signature", "sender_certificate_der")

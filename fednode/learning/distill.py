@@ -113,14 +113,15 @@ def mutual_losses(
     scale = temperature**2
     kl_mp = _masked_mean(token_kl(logits_m[:, :-1], logits_p[:, :-1], temperature), mask) * scale
     kl_pm = _masked_mean(token_kl(logits_p[:, :-1], logits_m[:, :-1], temperature), mask) * scale
-    a = adaptive_alpha(float(ce_p), float(ce_m)) if alpha is None else float(alpha)
+    ce_p_f, ce_m_f = ce_p.item(), ce_m.item()
+    a = adaptive_alpha(ce_p_f, ce_m_f) if alpha is None else float(alpha)
     return MutualLoss(
         loss_p=ce_p + a * kl_mp,
         loss_m=ce_m + a * kl_pm,
-        ce_p=float(ce_p),
-        ce_m=float(ce_m),
-        kl_pm=float(kl_pm),
-        kl_mp=float(kl_mp),
+        ce_p=ce_p_f,
+        ce_m=ce_m_f,
+        kl_pm=kl_pm.item(),
+        kl_mp=kl_mp.item(),
         alpha=a,
         tokens=tokens,
     )

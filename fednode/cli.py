@@ -186,7 +186,13 @@ def drain_cmd(config_path: Path | None, socket: Path | None, as_json: bool) -> N
               help="Where CA, configs, data and node state go (default: a new temp dir, removed afterwards).")
 @click.option("--base-port", default=0, type=click.IntRange(0, 65000), help="First peer port (0 = free ports).")
 @click.option("--timeout", default=600.0, show_default=True, help="Give up after this many seconds.")
-def demo_cmd(nodes: int, rounds: int, steps: int, workdir: Path | None, base_port: int, timeout: float) -> None:
+@click.option("--mode", type=click.Choice(["adaptive", "static", "fedavg", "local"]), default="adaptive",
+              show_default=True, help="Learning mode of every node (see docs/learning.md).")
+@click.option("--adaptive", "eager", is_flag=True,
+              help="Adaptive mode with eager negotiation thresholds, so a capacity growth shows within a "
+                   "few rounds (a demonstration setting, not a tuned one).")
+def demo_cmd(nodes: int, rounds: int, steps: int, workdir: Path | None, base_port: int, timeout: float,
+             mode: str, eager: bool) -> None:
     """Start a real mesh of daemons on loopback, train, and print a summary.
 
     Makes a fresh CA and certificates, splits Python's standard library by package into
@@ -196,7 +202,7 @@ def demo_cmd(nodes: int, rounds: int, steps: int, workdir: Path | None, base_por
     from fednode.demo import run_demo
 
     sys.exit(run_demo(nodes=nodes, rounds=rounds, steps=steps, workdir=workdir, base_port=base_port,
-                      timeout=timeout))
+                      timeout=timeout, mode="adaptive" if eager else mode, eager=eager))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,38 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class LearningSection:
+    mode: str = "adaptive"  # adaptive | static | fedavg | local
+    ladder: str = ""  # messenger family; defaults to the model preset's ladder
+    static_level: int = 0  # the level of `static` mode
+    distill_alpha: float = 0.0  # 0 = FedKD's adaptive weight 1/(CE_P + CE_M)
+    lr_messenger: float = 3e-3
+    weighting: str = "data-size"  # uniform | data-size | fairness | qffl
+    qffl_q: float = 1.0
+    curriculum: bool = True
+    curriculum_buckets: int = 4
+    curriculum_midpoint_rounds: float = 2.0
+
+
+@dataclass(frozen=True)
+class BudgetSection:
+    step_time_s: float = 0.0  # 0 = no time budget
+    memory_mib: int = 0  # 0 = no memory budget
+    max_level: int = -1  # -1 = no cap; else the ceiling never exceeds it
+
+
+@dataclass(frozen=True)
+class NegotiationSection:
+    plateau_window: int = 3
+    plateau_theta: float = 0.02
+    js_threshold: float = 0.0005
+    activation_delay: int = 3  # rounds: one to gossip the proposal, one for the acks to return, one spare
+    min_round_gap: int = 3
+    min_live_peers: int = 2
+    quorum: float = 2 / 3
+
+
+@dataclass(frozen=True)
 class LimitsSection:
     max_payload_mib: int = 8192
     chunk_kib: int = 1024
@@ -93,6 +125,9 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    learning: LearningSection = field(default_factory=LearningSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
+    negotiation: NegotiationSection = field(default_factory=NegotiationSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
@@ -113,12 +148,15 @@ class Config:
 
 _SECTION_TYPES = {
     "node": NodeSection, "mesh": MeshSection, "tls": TlsSection, "model": ModelSection,
-    "data": DataSection, "train": TrainSection, "limits": LimitsSection, "metrics": MetricsSection,
+    "data": DataSection, "train": TrainSection, "learning": LearningSection, "budget": BudgetSection,
+    "negotiation": NegotiationSection, "limits": LimitsSection, "metrics": MetricsSection,
     "log": LogSection,
 }
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
               ("tls", "key"), ("model", "tokenizer_cache"), ("data", "dir")}
 _KNOWN_PRESETS = ("micro", "tiny")
+MODES = ("adaptive", "static", "fedavg", "local")
+WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -188,6 +226,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[train] rounds and threads must be >= 0 and catchup_lag >= 1")
     if t.lr <= 0 or t.round_timeout_s <= 0:
         raise ConfigError("[train] lr and round_timeout_s must be > 0")
+    lrn = cfg.learning
+    if lrn.mode not in MODES:
+        raise ConfigError(f"[learning] mode {lrn.mode!r} is unknown{_suggest(lrn.mode, list(MODES))}")
+    if lrn.weighting not in WEIGHTINGS:
+        hint = _suggest(lrn.weighting, list(WEIGHTINGS))
+        raise ConfigError(f"[learning] weighting {lrn.weighting!r} is unknown{hint}")
+    if lrn.static_level < 0 or lrn.curriculum_buckets < 1 or lrn.distill_alpha < 0 or lrn.lr_messenger <= 0:
+        raise ConfigError("[learning] static_level and distill_alpha must be >= 0, curriculum_buckets >= 1, "
+                          "lr_messenger > 0")
+    neg = cfg.negotiation
+    if neg.plateau_window < 1 or neg.activation_delay < 1 or neg.min_round_gap < 0 or neg.min_live_peers < 1:
+        raise ConfigError("[negotiation] plateau_window, activation_delay and min_live_peers must be >= 1")
+    if not 0.5 < neg.quorum <= 1:
+        raise ConfigError(f"[negotiation] quorum {neg.quorum} must be in (0.5, 1]: 2/3 is the default")
     if cfg.data.seq_len < 8 or cfg.data.max_tokens < cfg.data.seq_len:
         raise ConfigError("[data] seq_len must be >= 8 and max_tokens >= seq_len")
     if not 1 <= cfg.limits.chunk_kib <= 16 * 1024:
@@ -285,6 +337,25 @@ threads = 0                          # torch threads; 0 = default
 round_timeout_s = 60.0               # stragglers never hold a round longer than this
 catchup_lag = 2                      # rounds behind a peer before fetching its state
 keep_checkpoints = 3
+
+[learning]
+mode = "adaptive"                    # adaptive | static | fedavg | local
+# ladder = "tiny"                    # messenger family (default: the model preset's)
+static_level = 0                     # the messenger level in static mode
+distill_alpha = 0.0                  # 0 = FedKD adaptive weight 1/(CE_P + CE_M)
+weighting = "data-size"              # uniform | data-size | fairness | qffl
+curriculum = true
+
+[budget]                             # this site's resources: they set its messenger ceiling
+step_time_s = 0.0                    # max seconds per training step; 0 = unlimited
+memory_mib = 0                       # max MiB per training step; 0 = unlimited
+max_level = -1                       # cap the ceiling by hand; -1 = no cap
+
+[negotiation]                        # when the mesh grows its messenger (same on every site)
+plateau_window = 3
+plateau_theta = 0.02
+js_threshold = 0.0005
+min_live_peers = 2
 
 [limits]
 max_payload_mib = 8192

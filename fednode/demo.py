@@ -29,6 +29,7 @@ def _journal_summary(data_dir: Path) -> dict:
         "loss_before": local[0].loss_before if local else float("nan"),
         "loss_after": rounds[-1].loss_after if rounds else float("nan"),
         "merged": sum(len(r.merged_from) for r in rounds),
+        "levels": "".join(str(r.level) for r in rounds),
     }
 
 
@@ -36,7 +37,12 @@ def _fmt_mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_port: int, timeout: float) -> int:
+EAGER_NEGOTIATION = {"plateau_window": 1, "plateau_theta": 10.0, "js_threshold": 0.0, "min_round_gap": 1,
+                     "activation_delay": 3}
+
+
+def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_port: int, timeout: float,
+             mode: str = "adaptive", eager: bool = False) -> int:
     console = Console(stderr=True)
     keep = workdir is not None
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fednode-demo-"))
@@ -45,8 +51,9 @@ def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_
     mesh = None
     try:
         with console.status("preparing CA, certificates, configs and code partitions"):
-            mesh = LocalMesh.create(root, nodes, base_port=base_port,
-                                    overrides={"train": {"rounds": rounds, "steps_per_round": steps}})
+            overrides = {"train": {"rounds": rounds, "steps_per_round": steps}, "learning": {"mode": mode},
+                         "negotiation": {"min_live_peers": nodes, **(EAGER_NEGOTIATION if eager else {})}}
+            mesh = LocalMesh.create(root, nodes, base_port=base_port, overrides=overrides)
         with console.status("building the shared tokenizer (byte-level BPE on the stdlib, cached)"):
             mesh.prepare_tokenizer()
         mesh.start_all()
@@ -79,14 +86,16 @@ def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_
                 time.sleep(0.5)
         statuses = {n.name: mesh.status(n.name) or {} for n in mesh.nodes}
         codes = mesh.stop_all()
-        table = Table(title=f"fednode demo: {nodes} nodes x {rounds} rounds in {time.monotonic() - started:.0f}s")
-        columns = ("node", "rounds", "loss before", "loss after", "updates merged", "sent MiB", "received MiB", "exit")
+        title = f"fednode demo ({mode}): {nodes} nodes x {rounds} rounds in {time.monotonic() - started:.0f}s"
+        table = Table(title=title)
+        columns = ("node", "rounds", "level per round", "loss before", "loss after", "updates merged", "sent MiB",
+                   "received MiB", "exit")
         for col in columns:
             table.add_column(col, justify="right" if col != "node" else "left")
         for node in mesh.nodes:
             s = statuses[node.name]
             j = _journal_summary(node.data_dir)
-            table.add_row(node.name, str(j["rounds"]), f"{j['loss_before']:.3f}", f"{j['loss_after']:.3f}",
+            table.add_row(node.name, str(j["rounds"]), j["levels"], f"{j['loss_before']:.3f}", f"{j['loss_after']:.3f}",
                           str(j["merged"]), _fmt_mib(float(s.get("bytes_sent", 0))),
                           _fmt_mib(float(s.get("bytes_received", 0))), str(codes[node.name]))
         Console().print(table)

@@ -80,7 +80,10 @@ def render_status(s: dict) -> str:
         ("node", f"{s['node_id']} ({s['address']}) v{s['version']}"),
         ("phase", s["state"]),
         ("round", f"{s['round']}" + (f" / {target}" if target else "")),
-        ("epoch / level", f"{s['epoch']} / {s['level']}"),
+        ("mode", s.get("mode", "")),
+        ("epoch / level", f"{s['epoch']} / {s['level']} (trains level {s.get('trained_level', 0)}, ceiling "
+                          f"{s.get('ceiling', 0)}, quorum affords {s.get('quorum_level', 0)})"),
+        ("negotiation", s.get("negotiation", "")),
         ("peers", f"{s['peers_alive']} alive, {s['peers_suspect']} suspect, {s['peers_dead']} dead"),
         ("held-out loss", loss_text),
         ("traffic", f"sent {_fmt_bytes(float(s['bytes_sent']))}, received {_fmt_bytes(float(s['bytes_received']))}"),

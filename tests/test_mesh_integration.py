@@ -27,7 +27,7 @@ from fednode.security import tls
 from fednode.security.envelope import EnvelopeSealer
 from fednode.security.hello import verify_hello
 from fednode.security.pki import TrustStore, issue_node, load_identity
-from fednode.store.checkpoint import load_checkpoint
+from fednode.store.checkpoint import load_checkpoint, shared_name
 from fednode.store.journal import Journal
 from fednode.transport.base import PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
@@ -86,7 +86,10 @@ def test_mesh_forms_and_rounds_merge_peer_updates(mesh):
         mesh.wait(name, lambda s: int(s["round"]) >= 2, 60)
     for name in NAMES:
         records = rounds_of(mesh, name)
-        assert [r.round for r in records] == list(range(1, len(records) + 1))
+        rounds = [r.round for r in records]
+        assert rounds == sorted(set(rounds))  # strictly increasing, never rewritten
+        for prev, rec in zip(records, records[1:], strict=False):  # a gap only where the node caught up
+            assert rec.round == prev.round + 1 or rec.source.startswith("fetched:"), (prev, rec)
         merged = [r for r in records if r.merged_from]
         assert merged, f"{name} never merged a peer update"
         assert set().union(*(set(r.merged_from) for r in merged)) <= set(NAMES) - {name}
@@ -142,11 +145,11 @@ def test_client_without_certificate_is_refused_at_tls(mesh):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def _sealed(identity, to: Recipient, tensors, round_: int):
+def _sealed(identity, to: Recipient, tensors, round_: int, level: int = 0):
     encoded = encode(tensors)
     sealer = EnvelopeSealer(sender=identity, recipient_id=to.node_id, recipient_public_key=to.payload_public_key,
                             kind="update", epoch=0, round=round_, total_size=encoded.total_size,
-                            chunk_size=4096, weight=1.0)
+                            chunk_size=4096, weight=1.0, level=level)
     chunks = [pb.Chunk(start=sealer.start)]
     pieces = list(encoded.chunks(4096))
     chunks += [pb.Chunk(index=i, data=sealer.seal(i, p), last=i == len(pieces) - 1) for i, p in enumerate(pieces)]
@@ -165,7 +168,9 @@ def test_hostile_pushes_get_typed_refusals_and_the_node_keeps_going(mesh):
     identity, trust = client(mesh, "intruder")
     target = mesh.node("node-0")
     records = rounds_of(mesh, "node-0")
-    tensors, _ = load_checkpoint(target.data_dir / "checkpoints" / records[-1].checkpoint)
+    # what a peer may legitimately send: the shared (messenger) slice, at the level it was trained
+    tensors, meta = load_checkpoint(target.data_dir / "checkpoints" / shared_name(records[-1].checkpoint))
+    level = int(meta["level"])
     rejected_before = int(mesh.status("node-0")["rejected"])
 
     async def scenario():
@@ -178,22 +183,22 @@ def test_hostile_pushes_get_typed_refusals_and_the_node_keeps_going(mesh):
             open_round = round_now(mesh, "node-0") + 1
             outcomes = {}
 
-            tampered = _sealed(identity, to, tensors, open_round)
+            tampered = _sealed(identity, to, tensors, open_round, level)
             tampered[1].data = bytes([tampered[1].data[0] ^ 1]) + tampered[1].data[1:]
-            reordered = _sealed(identity, to, tensors, open_round)
+            reordered = _sealed(identity, to, tensors, open_round, level)
             reordered[1], reordered[2] = reordered[2], reordered[1]
-            truncated = _sealed(identity, to, tensors, open_round)[:-1]
-            not_finite = _sealed(identity, to, {**tensors, next(iter(tensors)): tensors[next(iter(tensors))][:1] * 0
-                                               + float("nan")}, open_round)
-            stale = _sealed(identity, to, tensors, 0)
+            truncated = _sealed(identity, to, tensors, open_round, level)[:-1]
+            first = next(iter(tensors))
+            not_finite = _sealed(identity, to, {**tensors, first: tensors[first] * float("nan")}, open_round, level)
+            stale = _sealed(identity, to, tensors, 0, level)
             wrong_to = _sealed(identity, Recipient("node-1", target.address, to.payload_public_key), tensors,
-                               open_round)
+                               open_round, level)
             for label, chunks in [("tampered", tampered), ("reordered", reordered), ("truncated", truncated),
                                   ("not_finite", not_finite), ("stale", stale), ("wrong_recipient", wrong_to)]:
                 with pytest.raises(PeerCallError) as err:
                     await _push_chunks(transport, target.address, chunks)
                 outcomes[label] = Reason.Name(err.value.reason) if err.value.reason else str(err.value)
-            good = _sealed(identity, to, tensors, round_now(mesh, "node-0") + 1)
+            good = _sealed(identity, to, tensors, round_now(mesh, "node-0") + 1, level)
             receipt = await _push_chunks(transport, target.address, good)
             with pytest.raises(PeerCallError) as err:
                 await _push_chunks(transport, target.address, good)  # the very same message again

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fednode.errors import ProtocolError
 from fednode.security.hello import check_compatible, verify_hello
 from fednode.security.pki import TrustStore
+from fednode.security.signed import verify_negotiation
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class Member:
     left: bool
     last_round: int
     changed_at: float  # local monotonic time the version last grew
+    negotiation_blob: pb.SignedBlob | None = None  # the owner's signed NegotiationRecord, verified
+    negotiation: pb.NegotiationRecord | None = None
 
     @property
     def node_id(self) -> str:
@@ -53,7 +56,10 @@ class Member:
         return (self.body.incarnation, self.heartbeat)
 
     def record(self) -> pb.PeerRecord:
-        return pb.PeerRecord(hello=self.hello, heartbeat=self.heartbeat, left=self.left, last_round=self.last_round)
+        rec = pb.PeerRecord(hello=self.hello, heartbeat=self.heartbeat, left=self.left, last_round=self.last_round)
+        if self.negotiation_blob is not None:
+            rec.negotiation.CopyFrom(self.negotiation_blob)
+        return rec
 
 
 def liveness(member: Member, now: float, suspect_after: float, dead_after: float) -> Liveness:
@@ -105,6 +111,9 @@ class Membership:
         if last_round is not None:
             me.last_round = last_round
 
+    def set_negotiation(self, blob: pb.SignedBlob, record: pb.NegotiationRecord) -> None:
+        self.self_member.negotiation_blob, self.self_member.negotiation = blob, record
+
     def leave(self) -> None:
         self.self_member.left = True
         self.tick()
@@ -147,8 +156,18 @@ class Membership:
             log.info("peer joined", extra={"peer": body.node_id, "address": body.address})
         else:
             outcome.updated += 1
-        self.members[body.node_id] = Member(record.hello, body, record.heartbeat, record.left,
-                                            record.last_round, self.clock())
+        member = Member(record.hello, body, record.heartbeat, record.left, record.last_round, self.clock())
+        if current is not None:
+            member.negotiation_blob, member.negotiation = current.negotiation_blob, current.negotiation
+        if record.HasField("negotiation") and (current is None or current.negotiation_blob != record.negotiation):
+            try:
+                rec = verify_negotiation(self.trust, record.negotiation, body.node_id)
+                if member.negotiation is None or rec.seq > member.negotiation.seq or \
+                        body.incarnation != (current.body.incarnation if current else -1):
+                    member.negotiation_blob, member.negotiation = record.negotiation, rec
+            except ProtocolError as exc:
+                outcome.refused.append((body.node_id, exc))
+        self.members[body.node_id] = member
 
     def state_of(self, node_id: str) -> Liveness:
         return liveness(self.members[node_id], self.clock(), self.suspect_after, self.dead_after)

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fednode.config import Config
 from fednode.mesh.membership import Member, Membership
@@ -52,6 +53,8 @@ class NodeContext:
     last_loss: float = float("nan")
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
+    negotiator: Any = None  # fednode.node.negotiator.Negotiator, set once the learner is built
+    learner: Any = None
 
     @property
     def node_id(self) -> str:

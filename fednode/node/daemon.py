@@ -20,14 +20,16 @@ from pathlib import Path
 
 from fednode import PROTOCOL_VERSION
 from fednode.config import Config
-from fednode.errors import StoreError
+from fednode.errors import ConfigError, StoreError
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext, Phase
 from fednode.node.gossiper import Gossiper
-from fednode.node.learner import LocalModelLearner
+from fednode.node.learner import build_learner, measure_ceiling
+from fednode.node.negotiator import Negotiator
 from fednode.node.operator_service import start_operator_server
 from fednode.node.peer_service import PeerService
 from fednode.node.rounds import RoundLoop
+from fednode.observability import sdnotify
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.hello import sign_hello
@@ -73,6 +75,7 @@ class Daemon:
         self.gossiper: Gossiper | None = None
         self._lock = None
         self._metrics_server = None
+        self.notifier: sdnotify.Notifier | None = None  # only run() talks to systemd: serve() may host many nodes
 
     async def start(self) -> NodeContext:
         cfg = self.cfg
@@ -82,7 +85,11 @@ class Daemon:
         journal = Journal.open(cfg.node.data_dir / "journal.db")
         shutil.rmtree(cfg.node.data_dir / "incoming", ignore_errors=True)  # partial state fetches of a past run
         payload_key = PayloadKey.load_or_create(cfg.node.data_dir / "payload.key")
-        learner = await asyncio.to_thread(LocalModelLearner, cfg)
+        if identity.node_id != cfg.node.name:
+            raise ConfigError(f"[node] name is {cfg.node.name!r} but the certificate {cfg.tls.cert} is for "
+                              f"{identity.node_id!r}: set name = \"{identity.node_id}\" or issue a certificate "
+                              f"for {cfg.node.name!r}")
+        learner = await asyncio.to_thread(build_learner, cfg)
         self.learner = learner
 
         transport = self.transport_factory(identity)
@@ -96,6 +103,10 @@ class Daemon:
         ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
                           own_hello=pb.SignedHello(), own_body=body)
         self.ctx = ctx
+        ceiling = await asyncio.to_thread(measure_ceiling, cfg, learner)
+        self.negotiator = Negotiator(ctx, ceiling=ceiling, max_level=learner.top_level,
+                                     enabled=learner.mode == "adaptive")
+        self.negotiator.restore()
         self._restore(ctx)
 
         service = PeerService(ctx, learner.validate)
@@ -113,7 +124,9 @@ class Daemon:
         metrics.cert_expiry.set(identity.not_after.timestamp() - time.time())
         seeds = list(cfg.mesh.seeds) + [p["address"] for p in journal.peers()]
         self.gossiper = Gossiper(ctx, seeds)
-        self.rounds = RoundLoop(ctx, learner)
+        self.rounds = RoundLoop(ctx, learner, self.negotiator)
+        ctx.negotiator = self.negotiator
+        ctx.learner = learner
         log.info("serving", extra={"address": bound, "round": ctx.committed_round, "seeds": len(seeds)})
         return ctx
 
@@ -125,10 +138,9 @@ class Daemon:
         if found is None:
             raise StoreError(f"journal says round {last.round} was committed but no checkpoint in "
                              f"{ctx.checkpoint_dir} is intact: restore the data dir from backup")
-        record, tensors, _ = found
-        self.learner.restore(tensors)
+        record, tensors, meta = found
+        self.learner.restore(tensors, meta)
         ctx.committed_round = last.round
-        ctx.epoch, ctx.level = record.epoch, record.level
         if record.round != last.round:
             log.warning("newest checkpoint is damaged: resumed the model of an older round; the node will catch up "
                         "from peers", extra={"round": last.round, "restored_round": record.round})
@@ -163,6 +175,7 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        self.notifier = sdnotify.Notifier.from_env()
         try:
             return await self._serve()
         finally:
@@ -180,6 +193,29 @@ class Daemon:
         assert self.gossiper is not None
         gossip_task = asyncio.create_task(self.gossiper.run(), name="gossip")
         rounds_task = asyncio.create_task(self.rounds.run(), name="rounds")
+        helpers: list[asyncio.Task] = []
+        if self.notifier is not None:  # READY only now: ports bound, certificates loaded, gossip running
+            self.notifier.ready(self.status_text())
+            helpers = [asyncio.create_task(sdnotify.watchdog_loop(self.notifier, sdnotify.watchdog_interval(),
+                                                                  lambda: not gossip_task.done())),
+                       asyncio.create_task(sdnotify.status_loop(self.notifier, self.status_text))]
+        try:
+            return await self._until_drained(ctx, gossip_task, rounds_task)
+        finally:
+            for task in helpers:
+                task.cancel()
+
+    def status_text(self) -> str:
+        """The systemd STATUS= line: phase, round, level, live/known peers."""
+        ctx = self.ctx
+        if ctx is None:
+            return "stopped"
+        counts = ctx.membership.counts()
+        return sdnotify.status_line(ctx.phase.value, ctx.committed_round, ctx.level, counts["alive"],
+                                    sum(counts.values()))
+
+    async def _until_drained(self, ctx: NodeContext, gossip_task: asyncio.Task, rounds_task: asyncio.Task) -> int:
+        assert self.gossiper is not None
         drain_task = asyncio.create_task(self._drain_requested.wait(), name="drain")
         await asyncio.wait({rounds_task, drain_task}, return_when=asyncio.FIRST_COMPLETED)
         if rounds_task.done() and rounds_task.exception() is not None:
@@ -189,6 +225,8 @@ class Daemon:
             log.info("all rounds done: still serving peers until drained", extra={"round": ctx.committed_round})
             await self._drain_requested.wait()
         ctx.phase = Phase.DRAINING
+        if self.notifier is not None:
+            self.notifier.stopping(self.status_text())
         log.info("draining", extra={"round": ctx.committed_round})
         try:
             await asyncio.wait_for(asyncio.shield(rounds_task), DRAIN_BOUND_S)

@@ -40,6 +40,7 @@ class ReceivedUpdate:
     weight: float
     tensors: dict[str, torch.Tensor]
     nbytes: int
+    level: int = 0
 
 
 async def _sealed_stream(sealer: EnvelopeSealer, pieces, first_chunk: int = 0) -> AsyncIterator[pb.Chunk]:
@@ -50,12 +51,13 @@ async def _sealed_stream(sealer: EnvelopeSealer, pieces, first_chunk: int = 0) -
 
 
 async def push_update(transport: Transport, identity: NodeIdentity, to: Recipient, tensors: dict[str, torch.Tensor],
-                      *, epoch: int, round_: int, weight: float, chunk_size: int, timeout: float) -> int:
+                      *, epoch: int, round_: int, weight: float, chunk_size: int, timeout: float,
+                      level: int = 0) -> int:
     """Seal `tensors` for one recipient and stream them; returns payload bytes sent."""
     encoded = encode(tensors, {"round": str(round_), "sender": identity.node_id})
     sealer = EnvelopeSealer(sender=identity, recipient_id=to.node_id, recipient_public_key=to.payload_public_key,
                             kind="update", epoch=epoch, round=round_, total_size=encoded.total_size,
-                            chunk_size=chunk_size, weight=weight)
+                            chunk_size=chunk_size, weight=weight, level=level)
     await transport.push(to.address, _sealed_stream(sealer, encoded.chunks(chunk_size)), timeout)
     return encoded.total_size
 
@@ -79,7 +81,8 @@ async def receive_update(opener: EnvelopeOpener, chunks: AsyncIterator[pb.Chunk]
         opener.open_into(chunk.index, chunk.data, chunk.last, view[offset:offset + size])
     opener.finish()
     tensors, _ = decode(buffer)
-    return ReceivedUpdate(header.sender_id, header.epoch, header.round, header.weight, tensors, header.total_size)
+    return ReceivedUpdate(header.sender_id, header.epoch, header.round, header.weight, tensors, header.total_size,
+                          header.level)
 
 
 async def serve_state(identity: NodeIdentity, to: Recipient, path: Path, *, sha256: str, round_: int, epoch: int,

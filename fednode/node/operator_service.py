@@ -29,7 +29,11 @@ def status_of(ctx: NodeContext) -> opb.StatusReply:
         peers_dead=counts["dead"], last_loss=ctx.last_loss, bytes_sent=ctx.metrics.total_sent,
         bytes_received=ctx.metrics.total_received, uptime_s=time.monotonic() - ctx.started_at,
         version=__version__, rounds_target=ctx.cfg.train.rounds, rejected=ctx.metrics.total_rejected,
-        cert_expires_in_s=expires)
+        cert_expires_in_s=expires, mode=ctx.learner.mode if ctx.learner else "",
+        ceiling=ctx.negotiator.ceiling if ctx.negotiator else 0,
+        quorum_level=ctx.negotiator.quorum_level if ctx.negotiator else 0,
+        trained_level=ctx.learner.level if ctx.learner else 0,
+        negotiation=ctx.negotiator.last_decision if ctx.negotiator else "")
 
 
 def peers_of(ctx: NodeContext) -> opb.PeersReply:

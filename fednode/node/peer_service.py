@@ -6,6 +6,7 @@ and sent back as a gRPC status; nothing a peer sends can stop the node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,8 @@ from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
 from fednode.node.inbox import Admission
 from fednode.security.hello import check_compatible, verify_hello
+from fednode.store.atomic import sha256_file
+from fednode.store.checkpoint import shared_name
 from fednode.transport.base import Caller
 from fednode.v1 import peer_pb2 as pb
 
@@ -44,10 +47,11 @@ class RateLimiter:
 
 
 class PeerService:
-    def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor]], None]):
+    def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor], int], None]):
         self.ctx = ctx
         self.validate = validate
         self.gossip_limit = RateLimiter(rate=20.0, burst=40.0)
+        self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
         self.ctx.metrics.reject(reason_name(exc.reason))
@@ -55,6 +59,14 @@ class PeerService:
                     extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 
     # Each handler counts and logs its own refusals, so every transport reports them the same way.
+
+    async def _sha(self, path) -> str:
+        key = str(path)
+        if key not in self._shared_sha:
+            if len(self._shared_sha) > 64:
+                self._shared_sha.clear()
+            self._shared_sha[key] = await asyncio.to_thread(sha256_file, path)
+        return self._shared_sha[key]
 
     async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         try:
@@ -121,7 +133,7 @@ class PeerService:
             raise ProtocolError(Reason.REPLAY, f"message from {header.sender_id} for epoch {header.epoch} round "
                                                f"{header.round} was already accepted or is too old")
         update = await receive_update(opener, chunks)
-        self.validate(update.tensors)
+        self.validate(update.tensors, update.level)
         if update.weight <= 0 or update.weight != update.weight or update.weight == float("inf"):
             raise ProtocolError(Reason.MALFORMED, f"aggregation weight {update.weight} is not a positive number")
         ctx.metrics.received(update.sender, update.nbytes, int(header.chunk_count))
@@ -139,21 +151,22 @@ class PeerService:
         if member is None:
             raise ProtocolError(Reason.UNKNOWN_PEER, f"{request.requester_id!r} is not a known member: "
                                                      f"handshake first")
-        record = None
-        if request.content_sha256:
-            record = next((r for r in reversed(ctx.journal.rounds())
-                           if r.checkpoint_sha256 == request.content_sha256), None)
-        resume = record is not None and (ctx.checkpoint_dir / record.checkpoint).exists()
-        if not resume:
-            record = ctx.journal.last_round()
-            if record is None or record.round < request.min_round:
-                raise ProtocolError(Reason.NO_STATE, f"no committed state at round >= {request.min_round}")
-        assert record is not None
-        path = ctx.checkpoint_dir / record.checkpoint
+        # Only what may travel is served: the `.shared` file beside each checkpoint (messenger
+        # modes), or the checkpoint itself where the whole model is shared (fedavg).
+        candidates = []
+        for record in reversed(ctx.journal.rounds()[-ctx.cfg.train.keep_checkpoints:]):
+            path = ctx.checkpoint_dir / shared_name(record.checkpoint)
+            if path.exists():
+                candidates.append((record, path, await self._sha(path)))
+        if not candidates:
+            raise ProtocolError(Reason.NO_STATE, "no shareable committed state yet")
+        resume = next((c for c in candidates if request.content_sha256 and c[2] == request.content_sha256), None)
+        record, path, sha = resume or candidates[0]
+        if record.round < request.min_round:
+            raise ProtocolError(Reason.NO_STATE, f"no committed state at round >= {request.min_round}")
         sent = 0
-        async for chunk in serve_state(ctx.identity, ctx.recipient(member), path, sha256=record.checkpoint_sha256,
-                                       round_=record.round, epoch=record.epoch,
-                                       first_chunk=request.from_chunk if resume else 0,
+        async for chunk in serve_state(ctx.identity, ctx.recipient(member), path, sha256=sha, round_=record.round,
+                                       epoch=record.epoch, first_chunk=request.from_chunk if resume else 0,
                                        chunk_size=ctx.chunk_size):
             sent += len(chunk.data)
             yield chunk

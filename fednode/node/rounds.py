@@ -15,10 +15,16 @@ import time
 
 from fednode.node.context import NodeContext, Phase
 from fednode.node.exchange import fetch_state, push_update
-from fednode.node.learner import Learner
+from fednode.node.learner import Contribution, Learner
+from fednode.node.negotiator import Negotiator
 from fednode.node.schedule import expected_senders, push_targets
-from fednode.store.atomic import fsync_dir
-from fednode.store.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from fednode.store.checkpoint import (
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    shared_name,
+    write_shared_checkpoint,
+)
 from fednode.store.journal import RoundRecord
 from fednode.transport.base import PeerCallError
 
@@ -26,9 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class RoundLoop:
-    def __init__(self, ctx: NodeContext, learner: Learner):
+    def __init__(self, ctx: NodeContext, learner: Learner, negotiator: Negotiator):
         self.ctx = ctx
         self.learner = learner
+        self.negotiator = negotiator
+        self.over_budget_streak = 0
 
     @property
     def target(self) -> int:
@@ -68,68 +76,85 @@ class RoundLoop:
         if fetched.round <= ctx.committed_round:
             fetched.path.unlink(missing_ok=True)
             return
-        name = f"round-{fetched.round:08d}.safetensors"
-        tensors, _ = await asyncio.to_thread(load_checkpoint, fetched.path, fetched.sha256)
-        self.learner.restore(tensors)
-        fetched.path.replace(ctx.checkpoint_dir / name)
-        fsync_dir(ctx.checkpoint_dir)  # the file must be durable before the journal points at it
-        self.commit(RoundRecord(round=fetched.round, epoch=fetched.epoch, level=ctx.level, checkpoint=name,
-                                checkpoint_sha256=fetched.sha256, loss_before=math.nan, loss_after=math.nan,
-                                tokens=0, bytes_sent=0, bytes_received=fetched.nbytes, merged_from=[],
-                                source=f"fetched:{fetched.sender}", committed_unix_ms=int(time.time() * 1000)))
+        tensors, meta = await asyncio.to_thread(load_checkpoint, fetched.path, fetched.sha256)
+        self.learner.adopt_shared(tensors, int(meta.get("level", "0")))
+        fetched.path.unlink(missing_ok=True)
+        await self._commit(fetched.round, loss_before=math.nan, loss_after=math.nan, tokens=0, bytes_sent=0,
+                           bytes_received=fetched.nbytes, merged_from=[], source=f"fetched:{fetched.sender}")
         ctx.metrics.received(fetched.sender, fetched.nbytes, 0)
         log.info("caught up", extra={"round": fetched.round, "peer": fetched.sender})
 
     async def run_round(self, round_: int) -> None:
         ctx = self.ctx
         ctx.inbox.open(round_)
+        self.learner.set_level(self.negotiator.level_for(round_), self.negotiator.committed.growth_seed)
         ctx.phase = Phase.TRAINING
         result = await asyncio.to_thread(self.learner.train_round, round_)
         ctx.metrics.step_time.observe(result.seconds)
+        budget = ctx.cfg.budget.step_time_s
+        over = budget > 0 and result.seconds / max(result.steps, 1) > budget
+        self.over_budget_streak = self.over_budget_streak + 1 if over else 0
         if ctx.draining:
             log.info("round abandoned for drain", extra={"round": round_})
             return
         deadline = time.monotonic() + ctx.cfg.train.round_timeout_s
-        live = ctx.membership.live()
-        ids = [m.node_id for m in live]
-        by_id = {m.node_id: m for m in live}
-        fanout = ctx.cfg.mesh.fanout
+        updates = []
+        bytes_sent = 0
+        expected: set[str] = set()
+        if self.learner.shares:
+            live = ctx.membership.live()
+            ids = [m.node_id for m in live]
+            by_id = {m.node_id: m for m in live}
+            fanout = ctx.cfg.mesh.fanout
 
-        ctx.phase = Phase.PUSHING
-        state = self.learner.shared_state()
-        targets = [by_id[t] for t in push_targets(round_, ctx.node_id, ids, fanout)]
-        results = await asyncio.gather(*(self._push(m, state, round_, deadline) for m in targets))
-        bytes_sent = sum(results)
+            ctx.phase = Phase.PUSHING
+            state = self.learner.shared_state()
+            targets = [by_id[t] for t in push_targets(round_, ctx.node_id, ids, fanout)]
+            bytes_sent = sum(await asyncio.gather(*(self._push(m, state, round_, deadline) for m in targets)))
 
-        ctx.phase = Phase.COLLECTING
-        expected = expected_senders(round_, ctx.node_id, ids, fanout)
-        await ctx.inbox.wait_for(round_, expected, max(0.0, deadline - time.monotonic()))
-        if ctx.draining:
-            log.info("round abandoned for drain", extra={"round": round_})
-            return
+            ctx.phase = Phase.COLLECTING
+            expected = expected_senders(round_, ctx.node_id, ids, fanout)
+            await ctx.inbox.wait_for(round_, expected, max(0.0, deadline - time.monotonic()))
+            if ctx.draining:
+                log.info("round abandoned for drain", extra={"round": round_})
+                return
+            updates = ctx.inbox.take(round_)
 
         ctx.phase = Phase.MERGING
-        updates = ctx.inbox.take(round_)
-        contributions = [(u.tensors, u.weight) for u in updates]
-        loss_after = await asyncio.to_thread(self.learner.merge, contributions)
+        contributions = [Contribution(u.sender, u.tensors, u.weight) for u in updates]
+        peer_losses = {n: r.messenger_loss for n, r in self.negotiator.peer_records().items()}
+        shared_loss = await asyncio.to_thread(self.learner.merge, contributions, peer_losses)
         missing = sorted(expected - {u.sender for u in updates})
         if missing:
             log.info("round closed without some peers", extra={"round": round_, "missing": ",".join(missing)})
-
-        ctx.phase = Phase.COMMITTING
-        tensors = self.learner.checkpoint_state()
-        name, sha = await asyncio.to_thread(save_checkpoint, ctx.checkpoint_dir, round_, tensors,
-                                            {"round": str(round_), "node": ctx.node_id})
-        self.commit(RoundRecord(round=round_, epoch=ctx.epoch, level=ctx.level, checkpoint=name, checkpoint_sha256=sha,
-                                loss_before=result.loss_before, loss_after=loss_after, tokens=result.tokens,
-                                bytes_sent=bytes_sent, bytes_received=sum(u.nbytes for u in updates),
-                                merged_from=sorted(u.sender for u in updates), source="local",
-                                committed_unix_ms=int(time.time() * 1000)))
+        await self._commit(round_, loss_before=result.loss_before, loss_after=result.loss_after,
+                           tokens=result.tokens, bytes_sent=bytes_sent, bytes_received=sum(u.nbytes for u in updates),
+                           merged_from=sorted(u.sender for u in updates), source="local")
+        signature = await asyncio.to_thread(self.learner.probe_signature)
+        self.negotiator.after_round(round_, shared_loss, result.tokens, self.over_budget_streak, signature)
         ctx.metrics.loss.labels("before").set(result.loss_before)
-        ctx.metrics.loss.labels("after").set(loss_after)
+        ctx.metrics.loss.labels("after").set(result.loss_after)
+        ctx.metrics.loss.labels("shared").set(shared_loss)
         log.info("round committed", extra={"round": round_, "loss_before": round(result.loss_before, 4),
-                                           "loss_after": round(loss_after, 4), "merged": len(updates),
-                                           "sent_bytes": bytes_sent})
+                                           "loss_after": round(result.loss_after, 4),
+                                           "shared_loss": round(shared_loss, 4), "level": self.learner.level,
+                                           "merged": len(updates), "sent_bytes": bytes_sent})
+
+    async def _commit(self, round_: int, **fields) -> None:
+        """Checkpoint (durable) then journal row; what travels is also written apart, so a peer
+        fetching our state never receives our private model."""
+        ctx = self.ctx
+        ctx.phase = Phase.COMMITTING
+        meta = {"round": str(round_), "node": ctx.node_id, "level": str(self.learner.level),
+                "mode": self.learner.mode}
+        name, sha = await asyncio.to_thread(save_checkpoint, ctx.checkpoint_dir, round_,
+                                            self.learner.checkpoint_state(), meta)
+        if self.learner.shares:
+            await asyncio.to_thread(write_shared_checkpoint, ctx.checkpoint_dir, round_,
+                                    self.learner.shared_state(), meta)
+        record = RoundRecord(round=round_, epoch=ctx.epoch, level=self.learner.level, checkpoint=name,
+                             checkpoint_sha256=sha, committed_unix_ms=int(time.time() * 1000), **fields)
+        self.commit(record)
 
     def commit(self, record: RoundRecord) -> None:
         ctx = self.ctx
@@ -140,7 +165,7 @@ class RoundLoop:
         ctx.metrics.round.set(record.round)
         ctx.membership.tick(last_round=record.round)
         keep = {r.checkpoint for r in ctx.journal.rounds()[-ctx.cfg.train.keep_checkpoints:]}
-        prune_checkpoints(ctx.checkpoint_dir, keep)
+        prune_checkpoints(ctx.checkpoint_dir, keep | {shared_name(name) for name in keep})
 
     async def _push(self, member, state, round_: int, deadline: float) -> int:
         ctx = self.ctx
@@ -150,7 +175,7 @@ class RoundLoop:
         try:
             nbytes = await push_update(ctx.transport, ctx.identity, ctx.recipient(member), state, epoch=ctx.epoch,
                                        round_=round_, weight=self.learner.weight(), chunk_size=ctx.chunk_size,
-                                       timeout=remaining)
+                                       timeout=remaining, level=self.learner.level)
         except PeerCallError as exc:
             ctx.metrics.push_failures.labels(member.node_id).inc()
             log.warning("push failed: %s", exc, extra={"round": round_, "peer": member.node_id})

@@ -30,8 +30,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        out.update({k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
-                    for k, v in _fields(record).items()})
+        for k, v in _fields(record).items():  # structured extras never overwrite the base fields
+            out[k if k not in out else f"{k}_"] = v if isinstance(v, str | int | float | bool | type(None)) else str(v)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, separators=(",", ":"))

@@ -125,7 +125,7 @@ class EnvelopeSealer:
     def __init__(self, *, sender: NodeIdentity, recipient_id: str, recipient_public_key: bytes,
                  kind: str, epoch: int, round: int, total_size: int,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, first_chunk: int = 0, weight: float = 0.0,
-                 content_sha256: str = "", message_id: bytes | None = None):
+                 content_sha256: str = "", message_id: bytes | None = None, level: int = 0):
         if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size {chunk_size} is outside [1, {MAX_CHUNK_SIZE}]: pick e.g. 1 MiB")
         if total_size < 0:
@@ -156,7 +156,7 @@ class EnvelopeSealer:
             message_id=message_id, kind=kind, ephemeral_public_key=ephemeral_public,
             total_size=total_size, chunk_size=chunk_size, chunk_count=chunk_count,
             first_chunk=first_chunk, weight=weight, content_sha256=content_sha256,
-            created_unix_ms=time.time_ns() // 1_000_000,
+            created_unix_ms=time.time_ns() // 1_000_000, level=level,
         )
         header_bytes = self._header.SerializeToString(deterministic=True)
         self._aad = hashlib.sha256(header_bytes).digest()

@@ -25,7 +25,7 @@ from fednode.store.journal import Journal, RoundRecord
 
 log = logging.getLogger(__name__)
 
-_ROUND_FILE = re.compile(r"round-\d{8,}\.safetensors")
+_ROUND_FILE = re.compile(r"round-\d{8,}(\.shared)?\.safetensors")
 _TMP_FILE = re.compile(r"\..+\.tmp-(\d+)")
 
 
@@ -51,8 +51,19 @@ def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def shared_name(checkpoint: str) -> str:
+    """The file beside a round's checkpoint that holds only what may travel (served by FetchState)."""
+    return checkpoint.removesuffix(".safetensors") + ".shared.safetensors"
+
+
+def write_shared_checkpoint(directory: Path, round: int, tensors: dict[str, torch.Tensor],
+                            metadata: dict[str, str]) -> tuple[str, str]:
+    return save_checkpoint(directory, round, tensors, metadata, name=shared_name(checkpoint_name(round)))
+
+
 def save_checkpoint(
-    directory: Path, round: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    directory: Path, round: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+    name: str | None = None,
 ) -> tuple[str, str]:
     """Durably write `round-{round:08d}.safetensors`; return (file name, sha256 hex) for the journal."""
     directory = Path(directory)
@@ -67,7 +78,7 @@ def save_checkpoint(
             f"cannot serialize round {round} checkpoint ({err}): pass a dict of dense tensors "
             "and str->str metadata"
         ) from err
-    name = checkpoint_name(round)
+    name = name or checkpoint_name(round)
     sha = atomic.write_atomic(directory / name, data)
     return name, sha
 

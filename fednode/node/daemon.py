@@ -121,7 +121,8 @@ class Daemon:
         self._servers.append(await start_operator_server(ctx, cfg.operator_socket, self.request_drain))
         if cfg.metrics.listen:
             self._start_metrics(ctx)
-        metrics.cert_expiry.set(identity.not_after.timestamp() - time.time())
+        expires_at = identity.not_after.timestamp()
+        metrics.cert_expiry.set_function(lambda: expires_at - time.time())
         seeds = list(cfg.mesh.seeds) + [p["address"] for p in journal.peers()]
         self.gossiper = Gossiper(ctx, seeds)
         self.rounds = RoundLoop(ctx, learner, self.negotiator)
@@ -175,6 +176,9 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        # Until live reload lands, SIGHUP (systemctl reload) must not kill the node: say what to do instead.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "SIGHUP: live reload is not implemented yet; restart the node to apply config or certificate changes"))
         self.notifier = sdnotify.Notifier.from_env()
         try:
             return await self._serve()

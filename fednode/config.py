@@ -47,6 +47,8 @@ class ModelSection:
     seed: int = 0
     vocab_size: int = 4096
     tokenizer_cache: Path | None = None  # defaults to DATA_DIR/tokenizers
+    path: Path | None = None  # preset "local": a Hugging Face model directory (never downloaded)
+    cache: Path | None = None  # converted pretrained models (smollm2-135m); defaults to DATA_DIR/models
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ class Config:
         return self.node.operator_socket or self.node.data_dir / "operator.sock"
 
     @property
+    def model_cache(self) -> Path:
+        return self.model.cache or self.node.data_dir / "models"
+
+    @property
     def tokenizer_cache(self) -> Path:
         return self.model.tokenizer_cache or self.node.data_dir / "tokenizers"
 
@@ -153,8 +159,9 @@ _SECTION_TYPES = {
     "log": LogSection,
 }
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
-              ("tls", "key"), ("model", "tokenizer_cache"), ("data", "dir")}
-_KNOWN_PRESETS = ("micro", "tiny")
+              ("tls", "key"), ("model", "tokenizer_cache"), ("data", "dir"),
+              ("model", "path"), ("model", "cache")}
+_KNOWN_PRESETS = ("micro", "tiny", "smollm2-135m", "local")
 MODES = ("adaptive", "static", "fedavg", "local")
 WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
 
@@ -218,6 +225,8 @@ def _validate(cfg: Config) -> None:
     if cfg.model.preset not in _KNOWN_PRESETS:
         hint = _suggest(cfg.model.preset, list(_KNOWN_PRESETS))
         raise ConfigError(f"[model] preset {cfg.model.preset!r} is unknown{hint}")
+    if cfg.model.preset == "local" and cfg.model.path is None:
+        raise ConfigError('[model] preset "local" needs [model] path: the directory of a Hugging Face causal LM')
     t = cfg.train
     for key in ("steps_per_round", "batch_size", "keep_checkpoints"):
         if getattr(t, key) < 1:
@@ -320,7 +329,8 @@ cert = "{cert}"
 key = "{key}"
 
 [model]
-preset = "tiny"                      # tiny (~1M params) or micro (tests)
+preset = "tiny"                      # tiny (~1M params), micro (tests), smollm2-135m, or local
+# path = "/models/my-code-lm"        # preset "local": a Hugging Face model directory
 seed = 0                             # the same on every site: the mesh starts from one model
 
 [data]

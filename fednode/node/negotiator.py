@@ -88,11 +88,18 @@ class Negotiator:
             peers.append(neg.PeerView(node_id, int(rec.ceiling), node_id in live, int(rec.over_budget_streak)))
         open_proposal = self.proposal
         acks: set[neg.Ack] = set()
+        next_epoch = self.committed.epoch + 1
+        rightful = neg.proposer_for(next_epoch, [ctx.node_id, *sorted(live & set(records))])
         for node_id, rec in records.items():
             if rec.HasField("proposal") and rec.proposal.proposer == node_id:
                 candidate = proposal_from_pb(rec.proposal)
-                if candidate.epoch == self.committed.epoch + 1 and open_proposal is None:
-                    open_proposal = candidate
+                if candidate.epoch != next_epoch or open_proposal is not None:
+                    continue
+                if node_id != rightful:  # never let a non-proposer's proposal block the rightful one
+                    self._count_refusal(node_id, candidate.epoch, "NOT_PROPOSER",
+                                        f"{node_id!r} is not epoch {candidate.epoch}'s proposer ({rightful!r})")
+                    continue
+                open_proposal = candidate
         if open_proposal is not None:
             for node_id, rec in records.items():
                 if rec.HasField("ack") and node_id in live:
@@ -114,6 +121,8 @@ class Negotiator:
                 js = mean_pairwise_js(signatures)
             except ValueError:
                 js = None
+        if js is None and self.params.js_threshold <= 0:
+            js = 0.0  # a zero threshold asks for no heterogeneity signal at all
         return neg.MeshView(self_id=ctx.node_id, current_round=round_, committed=self.committed,
                             peers=tuple(peers), mesh_losses=tuple(self.mesh_losses), js_divergence=js,
                             open_proposal=open_proposal, acks=frozenset(acks))
@@ -156,12 +165,8 @@ class Negotiator:
             try:
                 neg.validate_proposal(view.open_proposal, view, self.params)
             except neg.NegotiationError as exc:
-                key = (view.open_proposal.proposer, view.open_proposal.epoch)
-                if key not in self._refused:  # count each bad proposal once, not at every round
-                    self._refused.add(key)
-                    self.ctx.metrics.reject(exc.refusal.name)
-                    log.warning("refused a capacity proposal: %s", exc.detail,
-                                extra={"peer": view.open_proposal.proposer, "reason": exc.refusal.name})
+                self._count_refusal(view.open_proposal.proposer, view.open_proposal.epoch, exc.refusal.name,
+                                    exc.detail)
         decision = neg.decide(view, self.params)
         if isinstance(decision, neg.Propose):
             self.proposal = decision.proposal
@@ -177,6 +182,14 @@ class Negotiator:
             self._adopt(decision.agreement, "quorum acked")
         else:
             self.last_decision = f"hold: {decision.reason.value}" + (f" ({decision.detail})" if decision.detail else "")
+
+    def _count_refusal(self, peer: str, epoch: int, reason: str, detail: str) -> None:
+        """Count and log each bad proposal once, not at every round it is still gossiped."""
+        if (peer, epoch) in self._refused:
+            return
+        self._refused.add((peer, epoch))
+        self.ctx.metrics.reject(reason)
+        log.warning("refused a capacity proposal: %s", detail, extra={"peer": peer, "reason": reason})
 
     def _adopt(self, agreement: neg.Agreement, why: str) -> None:
         self.committed = neg.reconcile(self.committed, agreement)

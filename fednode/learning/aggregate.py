@@ -119,9 +119,16 @@ def validate_update(
             raise ProtocolError(
                 Reason.SHAPE_MISMATCH, f"tensor {name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ProtocolError(Reason.NOT_FINITE, f"tensor {name!r} holds NaN or Inf")
-        if max_norm is not None:
+        if tensor.is_floating_point():
+            # one pass: a finite norm implies finite elements; only an overflowing norm needs the
+            # exact (4-kernel) isfinite check to tell NaN/Inf from large-but-finite values
+            norm = float(torch.linalg.vector_norm(tensor.detach()))
+            if not math.isfinite(norm):
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ProtocolError(Reason.NOT_FINITE, f"tensor {name!r} holds NaN or Inf")
+                norm = float(torch.linalg.vector_norm(tensor.detach().double()))
+            sq_norm += norm * norm
+        elif max_norm is not None:
             sq_norm += float(tensor.detach().double().pow(2).sum())
     if max_norm is not None and math.sqrt(sq_norm) > max_norm:
         raise ProtocolError(Reason.MALFORMED, f"update norm {math.sqrt(sq_norm):.4g} exceeds the limit {max_norm:.4g}")

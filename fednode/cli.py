@@ -88,6 +88,50 @@ def ca_issue(directory: Path, name: str, addr: str, days: int) -> None:
     click.echo(f"issued {files.cert_path} (key {files.key_path}, mode 0600) for {', '.join(addresses)}")
 
 
+def _serial(value: str | None) -> int | None:
+    if value is None:
+        return None
+    text = value.strip().lower().removeprefix("serial=").removeprefix("0x").replace(":", "")
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a hex serial (e.g. 3a:5f:... or 3a5f...)") from None
+
+
+@ca.command("revoke")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory holding the CA (from `fednode ca init`); revoked.crl is written there.")
+@click.argument("name", required=False)
+@click.option("--serial", "serial_text", default=None,
+              help="Revoke this certificate serial (hex) instead of DIR/NAME.crt, e.g. an older certificate.")
+@click.option("--reason", type=click.Choice(["unspecified", "key-compromise", "superseded",
+                                             "cessation-of-operation"]),
+              default="unspecified", show_default=True, help="Reason recorded in the revocation list.")
+def ca_revoke(directory: Path, name: str | None, serial_text: str | None, reason: str) -> None:
+    """Revoke the certificate of node NAME: add it to DIR/revoked.crl (signed by the CA).
+
+    Install revoked.crl on any one node ([tls] crl = "...", then SIGHUP); it spreads to every
+    node by gossip, and from then on they all refuse that certificate.
+    """
+    from fednode.security.revocation import revoke_certificate, serial_hex
+
+    if name is None and serial_text is None:
+        _fail("say which certificate to revoke: pass a node NAME or --serial HEX", ExitCode.USAGE)
+    try:
+        serial = _serial(serial_text)
+    except click.BadParameter as exc:
+        _fail(f"--serial {exc.message}", ExitCode.USAGE)
+    done = revoke_certificate(directory, name, serial=serial, reason=reason)
+    who = f"{name} (serial {serial_hex(done.serial)})" if name else f"serial {serial_hex(done.serial)}"
+    count = f"{done.count} certificate" + ("s" if done.count != 1 else "")
+    if done.already:
+        click.echo(f"{who} was already revoked in {done.path} (revocation list #{done.number}, "
+                   f"{count}): nothing changed")
+        return
+    click.echo(f"revoked {who}: {done.path} is now revocation list #{done.number} ({count}); "
+               f"install it on any node ([tls] crl, then SIGHUP) and it spreads to the mesh by gossip")
+
+
 # -------------------------------------------------------------------------------------------- init
 @main.command("init")
 @click.option("--path", type=click.Path(dir_okay=False, path_type=Path), default=Path("fednode.toml"),

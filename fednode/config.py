@@ -39,6 +39,7 @@ class TlsSection:
     ca: Path = Path("ca.crt")
     cert: Path = Path("node.crt")
     key: Path = Path("node.key")
+    crl: Path | None = None  # revocation list from `fednode ca revoke`; optional, it also arrives by gossip
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ _SECTION_TYPES = {
     "log": LogSection,
 }
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
-              ("tls", "key"), ("model", "tokenizer_cache"), ("data", "dir"),
+              ("tls", "key"), ("tls", "crl"), ("model", "tokenizer_cache"), ("data", "dir"),
               ("model", "path"), ("model", "cache")}
 _KNOWN_PRESETS = ("micro", "tiny", "smollm2-135m", "local")
 MODES = ("adaptive", "static", "fedavg", "local")
@@ -215,6 +216,10 @@ def _validate(cfg: Config) -> None:
     _check_address("[node] advertise", n.advertise, allow_empty=True)
     for seed in cfg.mesh.seeds:
         _check_address("[mesh] seeds entry", seed)
+    tls = cfg.tls
+    if tls.crl is not None and tls.crl in (tls.ca, tls.cert, tls.key):
+        raise ConfigError(f"[tls] crl = {str(tls.crl)!r} is also the CA, certificate or key file: point it at the "
+                          "revocation list that `fednode ca revoke` writes (revoked.crl), or remove the key")
     m = cfg.mesh
     if m.gossip_interval_s <= 0:
         raise ConfigError("[mesh] gossip_interval_s must be > 0: try 1.0")
@@ -245,8 +250,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[learning] static_level and distill_alpha must be >= 0, curriculum_buckets >= 1, "
                           "lr_messenger > 0")
     neg = cfg.negotiation
-    if neg.plateau_window < 1 or neg.activation_delay < 1 or neg.min_round_gap < 0 or neg.min_live_peers < 1:
-        raise ConfigError("[negotiation] plateau_window, activation_delay and min_live_peers must be >= 1")
+    if neg.plateau_window < 1 or neg.min_round_gap < 0 or neg.min_live_peers < 1:
+        raise ConfigError("[negotiation] plateau_window and min_live_peers must be >= 1, min_round_gap >= 0")
+    if neg.activation_delay < 3:
+        raise ConfigError(f"[negotiation] activation_delay {neg.activation_delay} is too short: a proposal needs a "
+                          f"round to spread and one for the acks to return; use 3 or more")
     if not 0.5 < neg.quorum <= 1:
         raise ConfigError(f"[negotiation] quorum {neg.quorum} must be in (0.5, 1]: 2/3 is the default")
     if cfg.data.seq_len < 8 or cfg.data.max_tokens < cfg.data.seq_len:
@@ -327,6 +335,7 @@ fanout = 2                           # peers a round's update is pushed to
 ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
+# crl = "pki/revoked.crl"            # revocation list from `fednode ca revoke` (optional: it also spreads by gossip)
 
 [model]
 preset = "tiny"                      # tiny (~1M params), micro (tests), smollm2-135m, or local

@@ -4,7 +4,9 @@ Each record is versioned by (incarnation, heartbeat): incarnation lives in the o
 Hello and grows at every restart, the heartbeat grows at every gossip tick of its owner. Merging
 keeps the newer version, so every node's view converges. Liveness is judged locally from how
 long a record's version has not grown (suspect, then dead): no failure votes to forge or lose.
-A record's identity and payload key come only from a Hello signed by a mesh certificate.
+A record's identity and payload key come only from a Hello signed by a mesh certificate; a
+certificate on the mesh's revocation list (which rides along in every Digest) is dropped from the
+view (`purge_revoked`) and its records are refused from then on.
 """
 
 from __future__ import annotations
@@ -119,8 +121,19 @@ class Membership:
         self.tick()
 
     def digest(self) -> pb.Digest:
+        """Our records, plus the revocation list in force (so it spreads with every exchange)."""
         records = [self.self_member.record()] + [m.record() for m in self.members.values()]
-        return pb.Digest(sender_id=self.node_id, records=records)
+        revocation = self.trust.revocation
+        return pb.Digest(sender_id=self.node_id, records=records,
+                         revocation_list=revocation.der if revocation is not None else b"")
+
+    def purge_revoked(self) -> list[str]:
+        """Forget peers whose certificate the revocation list in force revokes; their ids. Their
+        records, relayed again, are refused like any hello under a revoked certificate."""
+        dropped = [nid for nid, m in self.members.items() if self.trust.is_revoked(m.hello.certificate_der)]
+        for nid in dropped:
+            del self.members[nid]
+        return dropped
 
     def merge(self, digest: pb.Digest) -> MergeOutcome:
         outcome = MergeOutcome([], 0, [])

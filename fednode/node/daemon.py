@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -19,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fednode import PROTOCOL_VERSION
-from fednode.config import Config
-from fednode.errors import ConfigError, StoreError
+from fednode.config import Config, load_config
+from fednode.errors import ConfigError, PkiError, ProtocolError, StoreError
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext, Phase
 from fednode.node.gossiper import Gossiper
@@ -34,6 +36,14 @@ from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.hello import sign_hello
 from fednode.security.pki import NodeIdentity, TrustStore, load_identity
+from fednode.security.revocation import (
+    CRL_FILE,
+    RevocationList,
+    load_revocation_list,
+    serial_hex,
+    verify_revocation_list,
+)
+from fednode.store.atomic import write_atomic
 from fednode.store.checkpoint import latest_good_round
 from fednode.store.journal import Journal
 from fednode.transport.base import Transport
@@ -42,6 +52,83 @@ from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
 DRAIN_BOUND_S = 30.0
+EXPIRY_WARN_DAYS = 30  # log a warning (at start, at reload, twice a day) when the certificate expires sooner
+EXPIRY_CHECK_EVERY_S = 12 * 3600.0
+
+# What a reload (SIGHUP) applies to a running node; every other key needs a restart. A section
+# mapped to None applies whole.
+LIVE_KEYS: dict[str, frozenset[str] | None] = {
+    "mesh": None,
+    "tls": None,
+    "limits": None,
+    "train": frozenset({"round_timeout_s", "catchup_lag", "keep_checkpoints"}),
+    "log": frozenset({"level"}),
+}
+
+
+def _config_sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
+def split_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """(the config to run with, keys applied live, keys that need a restart) for a re-read config:
+    live keys come from `new`, every other key keeps its running value."""
+    applied: dict[str, object] = {}
+    live: list[str] = []
+    restart: list[str] = []
+    for section in _config_sections(old):
+        before, after = getattr(old, section), getattr(new, section)
+        keys = LIVE_KEYS.get(section, frozenset())
+        take = {}
+        for f in dataclasses.fields(before):
+            if getattr(before, f.name) == getattr(after, f.name):
+                continue
+            if keys is None or f.name in keys:
+                take[f.name] = getattr(after, f.name)
+                live.append(f"[{section}] {f.name}")
+            else:
+                restart.append(f"[{section}] {f.name}")
+        applied[section] = dataclasses.replace(before, **take) if take else before
+    return dataclasses.replace(old, **applied), live, restart
+
+
+def expiry_warning(identity: NodeIdentity, now: dt.datetime | None = None) -> str | None:
+    """The warning to log when the node's certificate expires within EXPIRY_WARN_DAYS, else None."""
+    left = identity.not_after - (now or dt.datetime.now(dt.UTC))
+    if left > dt.timedelta(days=EXPIRY_WARN_DAYS):
+        return None
+    return (f"certificate of {identity.node_id} expires in {left.total_seconds() / 86400:.1f} days "
+            f"({identity.not_after:%Y-%m-%d %H:%M} UTC): re-issue it with `fednode ca issue`, install it and "
+            f"reload (SIGHUP)")
+
+
+def load_revocations(cfg: Config, trust: TrustStore, identity: NodeIdentity) -> RevocationList | None:
+    """At start: put the newest of the kept list (DATA_DIR/revoked.crl) and the configured one
+    ([tls] crl) in force, keep it in the data dir, and refuse to start under a revoked certificate."""
+    kept_path = cfg.node.data_dir / CRL_FILE
+    kept = None
+    if kept_path.exists():
+        try:
+            kept = load_revocation_list(kept_path, trust.cas, what="kept revocation list")
+        except PkiError as exc:  # e.g. written under a CA that was replaced since: not fatal, not trusted
+            log.warning("%s; ignoring it", exc)
+    configured = load_revocation_list(cfg.tls.crl, trust.cas) if cfg.tls.crl is not None else None
+    for candidate in (kept, configured):
+        if candidate is not None:
+            trust.consider_revocation_list(candidate.der)
+    revocation = trust.revocation
+    if revocation is None:
+        return None
+    serial = identity.certificate.serial_number
+    if revocation.revokes(serial):
+        where = cfg.tls.crl if revocation is configured else kept_path
+        raise PkiError(f"certificate {cfg.tls.cert} (serial {serial_hex(serial)}) is revoked by the mesh CA "
+                       f"(revocation list #{revocation.number}, {where}): issue a new one with `fednode ca issue "
+                       f"--dir {Path(cfg.tls.ca).parent} {identity.node_id} --addr ...`, install it and start again")
+    if kept is None or revocation.der != kept.der:
+        write_atomic(kept_path, revocation.pem(), 0o644)
+    log.info("revocation list in force", extra={"number": revocation.number, "revoked": len(revocation.serials)})
+    return revocation
 
 
 def lock_data_dir(data_dir: Path):
@@ -76,12 +163,17 @@ class Daemon:
         self._lock = None
         self._metrics_server = None
         self.notifier: sdnotify.Notifier | None = None  # only run() talks to systemd: serve() may host many nodes
+        self._serving = False  # start() finished: a reload may run
+        self._owns_process = False  # run(): signals and the process-wide log level are ours
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> NodeContext:
         cfg = self.cfg
         self._lock = lock_data_dir(cfg.node.data_dir)
         identity = load_identity(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
         trust = TrustStore(identity.ca_pem)
+        load_revocations(cfg, trust, identity)  # before the journal: a revoked node changes nothing on disk
         journal = Journal.open(cfg.node.data_dir / "journal.db")
         shutil.rmtree(cfg.node.data_dir / "incoming", ignore_errors=True)  # partial state fetches of a past run
         payload_key = PayloadKey.load_or_create(cfg.node.data_dir / "payload.key")
@@ -121,8 +213,9 @@ class Daemon:
         self._servers.append(await start_operator_server(ctx, cfg.operator_socket, self.request_drain))
         if cfg.metrics.listen:
             self._start_metrics(ctx)
-        expires_at = identity.not_after.timestamp()
-        metrics.cert_expiry.set_function(lambda: expires_at - time.time())
+        metrics.cert_expiry.set_function(lambda: ctx.identity.not_after.timestamp() - time.time())  # follows reloads
+        if (warning := expiry_warning(identity)) is not None:
+            log.warning(warning)
         seeds = list(cfg.mesh.seeds) + [p["address"] for p in journal.peers()]
         self.gossiper = Gossiper(ctx, seeds)
         self.rounds = RoundLoop(ctx, learner, self.negotiator)
@@ -176,14 +269,128 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        # Until live reload lands, SIGHUP (systemctl reload) must not kill the node: say what to do instead.
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-            "SIGHUP: live reload is not implemented yet; restart the node to apply config or certificate changes"))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)  # systemctl reload
+        self._owns_process = True
         self.notifier = sdnotify.Notifier.from_env()
         try:
             return await self._serve()
         finally:
             await self.close()
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading config and certificates")
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the config file and the certificates, CA and revocation list it names, and apply
+        what can change while running, without dropping peers: the listener stays up, new TLS
+        handshakes get the new certificate, client channels are recreated, the hello is re-signed.
+        Fail-safe: a config or certificate that does not load is logged (one line: the problem and
+        the fix) and the running one kept. True when the reload was applied (even partly)."""
+        ctx = self.ctx
+        if ctx is None or not self._serving:
+            log.warning("reload requested before the node serves: ignored; send SIGHUP again once it serves")
+            return False
+        async with self._reload_lock:
+            if self.notifier is not None:
+                self.notifier.reloading()
+            try:
+                return self._reload(ctx)
+            except Exception:  # a reload must never take the node down
+                log.exception("reload failed unexpectedly: the node keeps its running config and certificates")
+                return False
+            finally:
+                if self.notifier is not None:
+                    self.notifier.ready(self.status_text())
+
+    def _reload(self, ctx: NodeContext) -> bool:
+        old = self.cfg
+        if old.source is None:
+            new = old  # an embedded config has no file to re-read: certificates only
+        else:
+            try:
+                new = load_config(Path(old.source))
+            except ConfigError as exc:
+                log.error("reload: config not applied, the node keeps its running config: %s", exc)
+                return False
+        applied, live, restart = split_reload(old, new)
+        if "[log] level" in live and not self._owns_process:  # embedded nodes share the process' log level
+            live.remove("[log] level")
+            restart.append("[log] level")
+            applied = dataclasses.replace(applied, log=old.log)
+        tls_changed = [k for k in live if k.startswith("[tls]")]
+        if not self._reload_tls(ctx, applied):
+            applied = dataclasses.replace(applied, tls=old.tls)
+            live = [k for k in live if k not in tls_changed]
+        self.cfg = ctx.cfg = applied
+        ctx.membership.suspect_after = applied.mesh.suspect_after_s
+        ctx.membership.dead_after = applied.mesh.dead_after_s
+        if self.gossiper is not None:
+            self.gossiper.set_seeds(list(applied.mesh.seeds) + [p["address"] for p in ctx.journal.peers()])
+        if self._owns_process and applied.log.level != old.log.level:
+            logging.getLogger().setLevel(applied.log.level.upper())
+        log.info("reloaded", extra={"applied": ", ".join(live) or "nothing changed",
+                                    "round": ctx.committed_round})
+        if restart:
+            log.warning("reload: needs restart to apply: %s (the node keeps running with the old values)",
+                        ", ".join(restart))
+        return True
+
+    def _reload_tls(self, ctx: NodeContext, cfg: Config) -> bool:
+        """Load and check the certificate, key, CA and revocation list named by `cfg`, then switch to
+        them. On any problem log one line and keep the running ones (False)."""
+        try:
+            identity = load_identity(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
+            if identity.node_id != ctx.node_id:
+                raise PkiError(f"certificate {cfg.tls.cert} is for {identity.node_id!r}, not {ctx.node_id!r}: install "
+                               f"this node's certificate (the node name needs a restart to change)")
+            cas = TrustStore(identity.ca_pem).cas
+            configured = load_revocation_list(cfg.tls.crl, cas) if cfg.tls.crl is not None else None
+            in_force = ctx.trust.revocation
+            if in_force is not None and identity.ca_pem != ctx.identity.ca_pem:
+                try:  # a list the new CA did not sign is dropped when the CA changes (set_ca_pem below)
+                    verify_revocation_list(in_force.der, cas)
+                except ProtocolError:
+                    in_force = None
+            newest = max((r for r in (in_force, configured) if r is not None), key=lambda r: r.version, default=None)
+            serial = identity.certificate.serial_number
+            if newest is not None and newest.revokes(serial):
+                raise PkiError(f"certificate {cfg.tls.cert} (serial {serial_hex(serial)}) is revoked by the mesh CA "
+                               f"(revocation list #{newest.number}): issue a new one with `fednode ca issue --dir "
+                               f"{Path(cfg.tls.ca).parent} {ctx.node_id} --addr ...` and reload again")
+            changed = (identity.cert_der, identity.key_pem, identity.ca_pem) != (
+                ctx.identity.cert_der, ctx.identity.key_pem, ctx.identity.ca_pem)
+            if changed and hasattr(ctx.transport, "set_identity"):
+                ctx.transport.set_identity(identity)  # the last check (credentials build) before anything changes
+        except PkiError as exc:
+            log.error("reload: certificates not changed, the node keeps its running ones: %s", exc)
+            return False
+        if identity.ca_pem != ctx.identity.ca_pem and not ctx.trust.set_ca_pem(identity.ca_pem):
+            log.warning("the revocation list in force was not signed by the new mesh CA: dropped")
+        if changed:
+            ctx.identity = identity
+            hello = sign_hello(identity, ctx.own_body)  # same body (and version): only the certificate is new
+            ctx.own_hello = hello
+            ctx.membership.self_member.hello = hello
+            log.info("certificate reloaded", extra={"serial": serial_hex(serial),
+                                                    "expires": f"{identity.not_after:%Y-%m-%d %H:%M} UTC"})
+            if (warning := expiry_warning(identity)) is not None:
+                log.warning(warning)
+        if configured is not None and not ctx.offer_revocation_list(configured.der, str(cfg.tls.crl)):
+            current = ctx.trust.revocation
+            if current is not None and current.der != configured.der:
+                log.info("revocation list %s (#%d) is not newer than the one in force (#%d): kept #%d",
+                         cfg.tls.crl, configured.number, current.number, current.number)
+        return True
+
+    async def _expiry_watch(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_EVERY_S)
+            ctx = self.ctx
+            if ctx is not None and (warning := expiry_warning(ctx.identity)) is not None:
+                log.warning(warning)
 
     async def serve(self) -> int:
         """Run without installing signal handlers (for embedding several nodes in one loop)."""
@@ -197,15 +404,17 @@ class Daemon:
         assert self.gossiper is not None
         gossip_task = asyncio.create_task(self.gossiper.run(), name="gossip")
         rounds_task = asyncio.create_task(self.rounds.run(), name="rounds")
-        helpers: list[asyncio.Task] = []
+        self._serving = True
+        helpers: list[asyncio.Task] = [asyncio.create_task(self._expiry_watch(), name="expiry-watch")]
         if self.notifier is not None:  # READY only now: ports bound, certificates loaded, gossip running
             self.notifier.ready(self.status_text())
-            helpers = [asyncio.create_task(sdnotify.watchdog_loop(self.notifier, sdnotify.watchdog_interval(),
+            helpers += [asyncio.create_task(sdnotify.watchdog_loop(self.notifier, sdnotify.watchdog_interval(),
                                                                   lambda: not gossip_task.done())),
                        asyncio.create_task(sdnotify.status_loop(self.notifier, self.status_text))]
         try:
             return await self._until_drained(ctx, gossip_task, rounds_task)
         finally:
+            self._serving = False
             for task in helpers:
                 task.cancel()
 
@@ -245,7 +454,10 @@ class Daemon:
 
     async def close(self) -> None:
         """Idempotent: stop servers, close the journal, release the data-dir lock."""
+        self._serving = False
         ctx, self.ctx = self.ctx, None
+        for task in list(self._background):
+            task.cancel()
         if ctx is not None:
             ctx.phase = Phase.STOPPED
             await ctx.transport.close(grace=1.0)

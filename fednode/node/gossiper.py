@@ -7,7 +7,7 @@ import asyncio
 import logging
 import random
 
-from fednode.errors import ProtocolError, reason_name
+from fednode.errors import reason_name
 from fednode.node.context import NodeContext
 from fednode.transport.base import PeerCallError
 
@@ -17,10 +17,15 @@ log = logging.getLogger(__name__)
 class Gossiper:
     def __init__(self, ctx: NodeContext, seeds: list[str], rng: random.Random | None = None):
         self.ctx = ctx
-        self.seeds = [s for s in dict.fromkeys(seeds) if s != ctx.own_body.address]
+        self.seeds: list[str] = []
+        self.set_seeds(seeds)
         self.rng = rng or random.Random()
         self.stop = asyncio.Event()
         self._seed_errors: dict[str, str] = {}
+
+    def set_seeds(self, seeds: list[str]) -> None:
+        """The addresses dialled until met (a reload may change them)."""
+        self.seeds = [s for s in dict.fromkeys(seeds) if s != self.ctx.own_body.address]
 
     @property
     def interval(self) -> float:
@@ -52,6 +57,7 @@ class Gossiper:
         try:
             hello = await ctx.transport.handshake(address, ctx.own_hello, timeout=max(self.interval * 2, 2.0))
         except PeerCallError as exc:
+            self._learn_from_refusal(address, exc)
             self._note_seed_error(address, str(exc))
             return
         outcome = ctx.membership.merge_hello(hello)
@@ -67,12 +73,21 @@ class Gossiper:
         try:
             reply = await ctx.transport.gossip(address, ctx.membership.digest(), timeout=max(self.interval * 2, 2.0))
         except PeerCallError as exc:
+            self._learn_from_refusal(address, exc)
             log.debug("gossip failed: %s", exc, extra={"address": address})
             return
+        ctx.offer_revocation_list(reply.revocation_list, reply.sender_id or address)
         outcome = ctx.membership.merge(reply)
         for peer, exc in outcome.refused:
             ctx.metrics.reject(reason_name(exc.reason))
             log.warning("refused peer record: %s", exc, extra={"peer": peer})
+
+    def _learn_from_refusal(self, address: str, exc: PeerCallError) -> None:
+        """A peer that refuses our certificate as revoked sends the revocation list along: adopt it
+        (it is checked against the mesh CA like any other), which logs that this node is revoked."""
+        revocation_list = getattr(exc, "revocation_list", None)
+        if revocation_list:
+            self.ctx.offer_revocation_list(revocation_list, address)
 
     async def say_goodbye(self) -> None:
         """Tell a few peers we are leaving so they stop waiting for us at once."""
@@ -84,5 +99,6 @@ class Gossiper:
     def _note_seed_error(self, address: str, message: str) -> None:
         if self._seed_errors.get(address) != message:  # log each distinct failure once, not every tick
             self._seed_errors[address] = message
-            level = logging.ERROR if "MISMATCH" in message or isinstance(message, ProtocolError) else logging.INFO
+            level = (logging.ERROR if "MISMATCH" in message
+                     else logging.WARNING if "BAD_CERTIFICATE" in message else logging.INFO)
             log.log(level, "seed %s not joined yet: %s", address, message)

@@ -49,7 +49,9 @@ class Negotiator:
                                  plateau_theta=cfg.plateau_theta, quorum=cfg.quorum, js_threshold=cfg.js_threshold,
                                  activation_delay=cfg.activation_delay, min_round_gap=cfg.min_round_gap,
                                  min_live_peers=cfg.min_live_peers)
-        self.committed = neg.Agreement.genesis(0)
+        learning = ctx.cfg.learning  # static mode holds its configured level from the start
+        start = min(learning.static_level, max_level) if learning.mode == "static" else 0
+        self.committed = neg.Agreement.genesis(start)
         self.proposal: neg.Proposal | None = None
         self.ack: neg.Proposal | None = None
         self.mesh_losses: list[float] = []

@@ -18,12 +18,14 @@ from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
 from fednode.node.inbox import Admission
 from fednode.security.hello import check_compatible, verify_hello
+from fednode.security.revocation import RevokedCertificate
 from fednode.store.atomic import sha256_file
 from fednode.store.checkpoint import shared_name
 from fednode.transport.base import Caller
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
+REVOKED_LOG_EVERY_S = 60.0
 
 
 class RateLimiter:
@@ -52,9 +54,18 @@ class PeerService:
         self.validate = validate
         self.gossip_limit = RateLimiter(rate=20.0, burst=40.0)
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
+        self._revoked_logged: dict[str, float] = {}  # revoked caller -> when its refusal was last logged
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
         self.ctx.metrics.reject(reason_name(exc.reason))
+        if isinstance(exc, RevokedCertificate):  # a revoked node keeps calling: count each, log once a minute
+            now = time.monotonic()
+            key = caller.node_id or "?"
+            if now - self._revoked_logged.get(key, -REVOKED_LOG_EVERY_S) < REVOKED_LOG_EVERY_S:
+                return
+            if len(self._revoked_logged) > 4096:
+                self._revoked_logged.clear()
+            self._revoked_logged[key] = now
         log.warning("refused peer message: %s", exc.detail,
                     extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 
@@ -68,8 +79,15 @@ class PeerService:
             self._shared_sha[key] = await asyncio.to_thread(sha256_file, path)
         return self._shared_sha[key]
 
+    def _check_caller(self, caller: Caller) -> None:
+        """The TLS layer checked the caller's certificate against the mesh CA, but it cannot see our
+        revocation list: refuse a revoked (or otherwise no longer valid) caller here, on every RPC."""
+        if caller.certificate_der:
+            self.ctx.trust.verify_certificate(caller.certificate_der)
+
     async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         try:
+            self._check_caller(caller)
             return await self._handshake(hello, caller)
         except ProtocolError as exc:
             self.refused(exc, caller)
@@ -77,6 +95,7 @@ class PeerService:
 
     async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         try:
+            self._check_caller(caller)
             return await self._gossip(digest, caller)
         except ProtocolError as exc:
             self.refused(exc, caller)
@@ -85,6 +104,7 @@ class PeerService:
     async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
                           caller: Caller) -> pb.Receipt:
         try:
+            self._check_caller(caller)
             return await self._push(start, chunks, caller)
         except ProtocolError as exc:
             self.refused(exc, caller)
@@ -92,6 +112,7 @@ class PeerService:
 
     async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
         try:
+            self._check_caller(caller)
             async for chunk in self._fetch(request, caller):
                 yield chunk
         except ProtocolError as exc:
@@ -110,6 +131,7 @@ class PeerService:
     async def _gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         if not self.gossip_limit.allow(caller.node_id or "?"):
             raise ProtocolError(Reason.RATE_LIMITED, "too many gossip calls: slow down")
+        self.ctx.offer_revocation_list(digest.revocation_list, caller.node_id or digest.sender_id or "?")
         outcome = self.ctx.membership.merge(digest)
         for peer, exc in outcome.refused:
             self.refused(exc, Caller(peer))

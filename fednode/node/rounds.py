@@ -56,6 +56,8 @@ class RoundLoop:
 
     async def maybe_catch_up(self) -> None:
         ctx = self.ctx
+        if not self.learner.shares:  # local mode: nothing travels, in either direction
+            return
         lag = ctx.cfg.train.catchup_lag
         ahead = sorted((m for m in ctx.membership.live() if m.last_round - ctx.committed_round >= lag),
                        key=lambda m: -m.last_round)

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fednode.errors import PkiError, ProtocolError, Reason
+
+if TYPE_CHECKING:
+    from fednode.security.revocation import RevocationList
 
 log = logging.getLogger(__name__)
 
@@ -404,26 +407,100 @@ class _Verified(NamedTuple):
     public_key: ec.EllipticCurvePublicKey
     not_before: dt.datetime
     not_after: dt.datetime
+    serial: int
+
+
+def _load_cas(ca_pem: bytes) -> list[x509.Certificate]:
+    try:
+        cas = x509.load_pem_x509_certificates(bytes(ca_pem))
+    except ValueError:
+        raise PkiError("mesh CA PEM holds no certificate: pass the contents of ca.crt") from None
+    for ca in cas:
+        if not _is_ca(ca):
+            raise PkiError(f"certificate {common_name(ca)!r} in the CA bundle is not a CA: pass the mesh "
+                           "CA's ca.crt")
+    return cas
 
 
 class TrustStore:
     """Checks peer certificates and signatures against the mesh CA (PEM may hold several CAs,
-    e.g. old + new during a CA rotation). Chain checks are cached by DER hash: this runs per message."""
+    e.g. old + new during a CA rotation) and its revocation list. Chain checks are cached by DER
+    hash: this runs per message; the revocation check is a set lookup after the cache."""
 
     def __init__(self, ca_pem: bytes, *, cache_size: int = 1024):
-        try:
-            cas = x509.load_pem_x509_certificates(bytes(ca_pem))
-        except ValueError:
-            raise PkiError("mesh CA PEM holds no certificate: pass the contents of ca.crt") from None
-        for ca in cas:
-            if not _is_ca(ca):
-                raise PkiError(f"certificate {common_name(ca)!r} in the CA bundle is not a CA: pass the mesh "
-                               "CA's ca.crt")
         self.ca_pem = bytes(ca_pem)
-        self._cas = cas
+        self._cas = _load_cas(ca_pem)
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self.revocation: RevocationList | None = None  # the newest verified CRL of the mesh CA
+        self._refused_lists: OrderedDict[bytes, None] = OrderedDict()  # hashes of CRLs already refused
+
+    @property
+    def cas(self) -> list[x509.Certificate]:
+        return list(self._cas)
+
+    def set_ca_pem(self, ca_pem: bytes) -> bool:
+        """Trust another CA bundle from now on (config reload). Cached chain checks are dropped; the
+        revocation list in force is kept only if one of the new CAs signed it. True if it was kept
+        (or there was none)."""
+        from fednode.security.revocation import verify_revocation_list
+
+        cas = _load_cas(ca_pem)
+        with self._lock:
+            self.ca_pem, self._cas = bytes(ca_pem), cas
+            self._cache.clear()
+            self._refused_lists.clear()
+            if self.revocation is None:
+                return True
+            try:
+                verify_revocation_list(self.revocation.der, cas)
+            except ProtocolError:
+                self.revocation = None
+                return False
+            return True
+
+    def consider_revocation_list(self, data: bytes) -> RevocationList | None:
+        """Adopt `data` (a CRL, PEM or DER) if a mesh CA signed it and it is newer than the list in
+        force; returns the adopted list, or None when it is the same, older, or was refused before.
+        Raises ProtocolError (BAD_SIGNATURE, MALFORMED) the first time a given bad list is seen."""
+        from fednode.security.revocation import verify_revocation_list
+
+        data = bytes(data)
+        current = self.revocation
+        if not data or (current is not None and data == current.der):
+            return None
+        digest = hashlib.sha256(data).digest()
+        with self._lock:
+            if digest in self._refused_lists:
+                return None
+        try:
+            candidate = verify_revocation_list(data, self._cas)
+        except ProtocolError:
+            with self._lock:
+                self._refused_lists[digest] = None
+                while len(self._refused_lists) > 64:
+                    self._refused_lists.popitem(last=False)
+            raise
+        with self._lock:
+            if not candidate.is_newer_than(self.revocation):
+                return None
+            self.revocation = candidate
+        return candidate
+
+    def serial_of(self, cert_der: bytes) -> int | None:
+        """The serial of a DER certificate (None if it does not parse)."""
+        try:
+            return x509.load_der_x509_certificate(bytes(cert_der)).serial_number
+        except ValueError:
+            return None
+
+    def is_revoked(self, cert_der: bytes) -> bool:
+        revocation = self.revocation
+        if revocation is None:
+            return False
+        serial = self.serial_of(cert_der)
+        return serial is not None and revocation.revokes(serial)
 
     def verify_certificate(self, cert_der: bytes, *, now: dt.datetime | None = None) -> str:
         """The node id (CN) of a current, non-CA certificate issued by the mesh CA."""
@@ -443,6 +520,13 @@ class TrustStore:
 
     def _check(self, cert_der: bytes, now: dt.datetime | None) -> _Verified:
         entry = self._verified(bytes(cert_der))
+        revocation = self.revocation
+        if revocation is not None and revocation.revokes(entry.serial):
+            from fednode.security.revocation import RevokedCertificate, serial_hex
+
+            raise RevokedCertificate(f"certificate of {entry.node_id} (serial {serial_hex(entry.serial)}) is revoked "
+                                     f"by the mesh CA (revocation list #{revocation.number}): that node needs a new "
+                                     "certificate from `fednode ca issue`", revocation.der)
         now = now or _now()
         if now > entry.not_after:
             raise ProtocolError(Reason.BAD_CERTIFICATE,
@@ -498,4 +582,4 @@ class TrustStore:
             raise refuse(f"certificate of {name} has no ECDSA P-256 key: re-issue it with "
                          "`fednode ca issue`")
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        return _Verified(name, public_key, cert.not_valid_before_utc, cert.not_valid_after_utc)
+        return _Verified(name, public_key, cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)

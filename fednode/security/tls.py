@@ -40,7 +40,11 @@ def rotating_server_credentials(current: Callable[[], NodeIdentity]) -> grpc.Ser
     so a re-issued certificate is served without restarting the server."""
     first = current()
     _require_current(first)
-    served = [first.cert_der]
+
+    def key_of(identity: NodeIdentity) -> tuple[bytes, bytes, bytes]:
+        return (identity.cert_der, identity.key_pem, identity.ca_pem)  # a new CA bundle counts too
+
+    served = [key_of(first)]
 
     def config(identity: NodeIdentity) -> Any:
         return grpc.ssl_server_certificate_configuration(
@@ -48,9 +52,9 @@ def rotating_server_credentials(current: Callable[[], NodeIdentity]) -> grpc.Ser
 
     def fetch() -> Any:
         identity = current()
-        if identity.cert_der == served[0]:
+        if key_of(identity) == served[0]:
             return None  # unchanged: gRPC keeps the configuration it has
-        served[0] = identity.cert_der
+        served[0] = key_of(identity)
         return config(identity)
 
     return grpc.dynamic_ssl_server_credentials(config(first), fetch,

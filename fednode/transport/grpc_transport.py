@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # A chunk is at most 16 MiB of plaintext (config bound) plus framing; nothing larger is accepted.
 MAX_MESSAGE = 17 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+REVOCATION_METADATA_KEY = "fednode-revocation-list-bin"
+MAX_REVOCATION_METADATA = 4096  # well under gRPC's 8 KiB metadata limit; larger lists still spread by gossip
+RETIRE_CHANNELS_AFTER_S = 90.0  # old client channels outlive a certificate reload this long (in-flight calls)
 
 
 def _caller(context: grpc.aio.ServicerContext) -> Caller:
@@ -43,7 +46,11 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
     code = getattr(grpc.StatusCode, status_code_for(exc.reason))
-    context.set_trailing_metadata(((REASON_METADATA_KEY, Reason.Name(exc.reason)),))
+    metadata: list[tuple[str, str | bytes]] = [(REASON_METADATA_KEY, Reason.Name(exc.reason))]
+    revocation_list = getattr(exc, "revocation_list", None)  # a revoked caller gets the (CA-signed) proof
+    if revocation_list and len(revocation_list) <= MAX_REVOCATION_METADATA:
+        metadata.append((REVOCATION_METADATA_KEY, bytes(revocation_list)))
+    context.set_trailing_metadata(tuple(metadata))
     await context.abort(code, exc.detail)
 
 
@@ -112,10 +119,15 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
 def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
     reason = Reason.REASON_UNSPECIFIED
+    revocation_list = None
     for key, value in exc.trailing_metadata() or ():
         if key == REASON_METADATA_KEY and value in Reason.keys():
             reason = Reason.Value(value)
-    return PeerCallError(address, exc.code().name, reason, exc.details() or "")
+        elif key == REVOCATION_METADATA_KEY and isinstance(value, bytes):
+            revocation_list = value
+    error = PeerCallError(address, exc.code().name, reason, exc.details() or "")
+    error.revocation_list = revocation_list  # type: ignore[attr-defined]  # unverified: the node checks it
+    return error
 
 
 class GrpcTransport(Transport):
@@ -125,6 +137,8 @@ class GrpcTransport(Transport):
         self.identity = identity
         self._credentials = tls.channel_credentials(identity)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: set[grpc.aio.Channel] = set()
+        self._retire_tasks: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
@@ -134,7 +148,9 @@ class GrpcTransport(Transport):
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            port = server.add_secure_port(listen, tls.server_credentials(self.identity))
+            # new TLS handshakes ask for self.identity afresh: set_identity() swaps the certificate
+            # without closing the listener or the connections already open
+            port = server.add_secure_port(listen, tls.rotating_server_credentials(lambda: self.identity))
         except RuntimeError as exc:
             raise NetworkError(f"cannot listen on {listen} ({exc}): is the port in use or the address "
                                f"not local? change [node] listen") from None
@@ -146,6 +162,27 @@ class GrpcTransport(Transport):
         await self._set_serving(True)
         host = listen.rpartition(":")[0]
         return f"{host}:{port}"
+
+    def set_identity(self, identity: NodeIdentity) -> None:
+        """Use a reloaded certificate: the server presents it from the next TLS handshake on, and
+        calls go over new channels that present it. Channels of the old identity are closed after
+        RETIRE_CHANNELS_AFTER_S, so calls in flight on them finish."""
+        credentials = tls.channel_credentials(identity)  # raises PkiError (expired) before anything changes
+        self.identity = identity
+        self._credentials = credentials
+        old, self._channels = list(self._channels.values()), {}
+        if old:
+            self._retired.update(old)
+            task = asyncio.get_running_loop().create_task(self._close_later(old, RETIRE_CHANNELS_AFTER_S))
+            self._retire_tasks.add(task)
+            task.add_done_callback(self._retire_tasks.discard)
+
+    async def _close_later(self, channels: list[grpc.aio.Channel], delay: float) -> None:
+        await asyncio.sleep(delay)
+        for channel in channels:
+            self._retired.discard(channel)
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -198,6 +235,9 @@ class GrpcTransport(Transport):
             await self._set_serving(False)
             await self._server.stop(grace)
             self._server = None
-        for channel in self._channels.values():
+        for task in list(self._retire_tasks):
+            task.cancel()
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()
         self._channels.clear()
+        self._retired.clear()

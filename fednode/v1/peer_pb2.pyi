@@ -195,12 +195,14 @@ class NegotiationRecord(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., seq: _Optional[int] = ..., round: _Optional[int] = ..., ceiling: _Optional[int] = ..., over_budget_streak: _Optional[int] = ..., messenger_loss: _Optional[float] = ..., probe_signature: _Optional[bytes] = ..., committed: _Optional[_Union[Agreement, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ..., ack: _Optional[_Union[Proposal, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Digest(_message.Message):
-    __slots__ = ("sender_id", "records")
+    __slots__ = ("sender_id", "records", "revocation_list")
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_LIST_FIELD_NUMBER: _ClassVar[int]
     sender_id: str
     records: _containers.RepeatedCompositeFieldContainer[PeerRecord]
-    def __init__(self, sender_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ...) -> None: ...
+    revocation_list: bytes
+    def __init__(self, sender_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ..., revocation_list: _Optional[bytes] = ...) -> None: ...
 
 class EnvelopeHeader(_message.Message):
     __slots__ = ("sender_id", "recipient_id", "epoch", "round", "message_id", "kind", "ephemeral_public_key", "total_size", "chunk_size", "chunk_count", "first_chunk", "weight", "content_sha256", "created_unix_ms", "level")

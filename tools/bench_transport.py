@@ -60,8 +60,6 @@ HANDSHAKE_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 SAMPLE_INTERVAL_S = 0.005
 
-log = logging.getLogger("fednode.bench.transport")
-
 
 def progress(message: str) -> None:
     print(f"[bench transport] {message}", file=sys.stderr, flush=True)
@@ -179,8 +177,8 @@ def make_payload(size_mib: int, *, tensor_mib: int = TENSOR_MIB, seed: int = 0) 
 
 
 def validate_finite(tensors: dict[str, Any], *_context: Any) -> None:
-    """The receiver's validation, as fednode.learning.aggregate.validate_update does it: every
-    floating tensor must be finite (`torch.isfinite(t).all()`; NaN/Inf is refused)."""
+    """The plain finiteness check: `torch.isfinite(t).all()` on every floating tensor (what
+    fednode.learning.aggregate.validate_update did before it went one-pass)."""
     import torch
 
     from fednode.errors import ProtocolError, Reason
@@ -194,8 +192,8 @@ def validate_finite(tensors: dict[str, Any], *_context: Any) -> None:
 
 def validate_finite_one_pass(tensors: dict[str, Any], *_context: Any) -> None:
     """The same verdict in one pass without temporaries: a finite L2 norm implies every element is
-    finite; only a non-finite norm (NaN/Inf, or a float32 overflow) falls back to the exact check.
-    Measures what the cheaper check suggested in bench/RESULTS.md would give."""
+    finite; only a non-finite norm (NaN/Inf, or a float32 overflow) falls back to the exact check
+    (the finiteness part of today's validate_update, without its norm bound)."""
     import math
 
     import torch
@@ -212,8 +210,8 @@ def validate_finite_one_pass(tensors: dict[str, Any], *_context: Any) -> None:
 
 
 def validate_like_learner(tensors: dict[str, Any], *_context: Any) -> None:
-    """What the daemon's messenger learner runs on every update: fednode.learning.aggregate.validate_update
-    (finite check plus the global L2 norm bound) against the update's own shapes."""
+    """What the daemon's learners run on every update (the default): fednode.learning.aggregate.validate_update,
+    which refuses any non-finite tensor and bounds the global L2 norm, against the update's own shapes."""
     from fednode.learning.aggregate import validate_update
 
     validate_update(tensors, tensors, max_norm=1e6)
@@ -236,7 +234,7 @@ class ReceiverSpec:
     key_path: str = ""
     max_payload_mib: int = 8192
     profile_path: str = ""
-    validate: str = "isfinite"
+    validate: str = "learner"
     chunk_kib: int = CHUNK_KIB
 
 
@@ -359,8 +357,7 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
                       own_hello=pb.SignedHello(), own_body=body)
     ctx.inbox.open(ROUND)
     timed = _TimedValidator(VALIDATORS[spec.validate])
-    service = PeerService(ctx, timed)
-    transport.on_refusal = service.refused
+    service = PeerService(ctx, timed)  # it counts and logs its own refusals
     try:
         bound = await transport.serve(MeasuredPeerHandler(service, ctx, reporter, timed), cfg.node.listen)
     except BaseException:
@@ -371,6 +368,7 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
     ctx.own_hello = hello
     membership.self_member.hello = hello
     membership.self_member.body = body
+    membership.tick(last_round=0)
 
     async def close() -> None:
         try:
@@ -520,6 +518,7 @@ class ReceiverProcess:
                 try:
                     kind, record = self._reports.recv()
                 except (EOFError, OSError):
+                    self.process.join(2)
                     raise RuntimeError(f"receiver {self.spec.kind} exited (code {self.process.exitcode})") from None
                 if kind == "error":
                     raise RuntimeError(f"receiver {self.spec.kind}: {record['error']}")
@@ -590,7 +589,7 @@ class Options:
     skip_raw: bool = False
     timeout_s: float | None = None
     profile_dir: Path | None = None
-    validate: str = "isfinite"
+    validate: str = "learner"
     chunk_kib: int = CHUNK_KIB
     command: str = ""
 

@@ -28,10 +28,10 @@ def main() -> None:
               help="Deadline of one transfer in seconds [default: 60 + size-mib / 2].")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write cProfile summaries of the sender and each receiver (event-loop thread) here.")
-@click.option("--validate", type=click.Choice(["isfinite", "learner", "norm"]), default="isfinite", show_default=True,
-              help="Receiver's check of every update: 'isfinite' is torch.isfinite(t).all() per tensor; 'learner' "
-                   "is the messenger learner's validate_update (finite check + global L2 norm bound); 'norm' is a "
-                   "one-pass check (finite L2 norm, exact fallback) to measure the cheaper option.")
+@click.option("--validate", type=click.Choice(["learner", "isfinite", "norm"]), default="learner", show_default=True,
+              help="Receiver's check of every update: 'learner' is what the daemon runs (validate_update: every "
+                   "tensor finite, global L2 norm bounded); 'isfinite' is torch.isfinite(t).all() per tensor; "
+                   "'norm' is only the one-pass finiteness check (finite L2 norm, exact fallback).")
 @click.option("--chunk-kib", type=click.IntRange(1, 16 * 1024), default=1024, show_default=True,
               help="Plaintext bytes per streamed chunk, on both paths (the daemon's [limits] chunk_kib).")
 @click.option("--check", is_flag=True,

@@ -7,9 +7,11 @@ and sent back as a gRPC status; nothing a peer sends can stop the node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import torch
 
@@ -29,30 +31,85 @@ REVOKED_LOG_EVERY_S = 60.0
 
 
 class RateLimiter:
-    """Token bucket per caller: a flood of Gossip calls costs the flooder, not the node."""
+    """Token bucket per caller: a flood of calls costs the flooder, not the node (or its other peers).
 
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+    Each caller's bucket holds at most `burst` tokens and refills at `rate` per second; a call
+    takes one token or is refused. Pure apart from the injected clock; memory is bounded by
+    `max_keys` (callers are mesh members, authenticated by TLS, so the key space is small anyway;
+    when it is full, the fullest buckets, i.e. the quietest callers, are forgotten first)."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 4096):
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate {rate} must be > 0 and burst {burst} >= 1: e.g. rate=20, burst=40")
+        self.rate, self.burst, self.clock, self.max_keys = rate, burst, clock, max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when they were counted)
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(0.0, now - at) * self.rate)
 
     def allow(self, key: str) -> bool:
         now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if len(self._buckets) > 4096:
-            self._buckets.clear()
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - 1, now)
-        return True
+        tokens = self._tokens(key, now)
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._forget_idle(now)
+        allowed = tokens >= 1
+        self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the fuller half of the buckets: those callers have been quiet; flooders are kept."""
+        by_tokens = sorted(self._buckets, key=lambda k: self._tokens(k, now), reverse=True)
+        for k in by_tokens[: max(1, len(by_tokens) // 2)]:
+            del self._buckets[k]
+
+
+GOSSIP_RATE_PER_S = 20.0  # per caller; an honest peer calls at most ~2 times per gossip interval
+GOSSIP_RATE_HEADROOM = 10.0  # the limit is at least this many calls per (own) gossip interval
+MAX_PUSHES_PER_CALLER = 4  # concurrent PushMessenger streams per caller (an honest one has 1)
+PUSH_TIME_SLACK_S = 5.0  # a push may stream for 2 x round_timeout_s + this, then it is cut
+
+
+def gossip_limiter(gossip_interval_s: float, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
+    """The Gossip limit: never below GOSSIP_RATE_PER_S, and at least GOSSIP_RATE_HEADROOM calls per
+    gossip interval, so a mesh configured to gossip fast is never limited by its own members."""
+    rate = max(GOSSIP_RATE_PER_S, GOSSIP_RATE_HEADROOM / gossip_interval_s)
+    return RateLimiter(rate=rate, burst=2 * rate, clock=clock)
+
+
+def update_size_limit(shapes: Iterable[tuple[int, ...]]) -> int:
+    """The most bytes an honest update can announce when its tensors have (at most) these shapes:
+    every element at 8 bytes (the widest dtype) plus a generous allowance for the stream's header.
+    A header announcing more is refused before any buffer is allocated for it."""
+    elements, count = 0, 0
+    for shape in shapes:
+        elements += math.prod(shape)
+        count += 1
+    return elements * 8 + 64 * 1024 + 1024 * count
+
+
+def largest_update_shapes(learner: object) -> list[tuple[int, ...]] | None:
+    """Shapes of the largest update a peer may send: the top level's slice for a messenger learner,
+    the shared state otherwise; None when the learner cannot tell (then only max_payload bounds it)."""
+    ladder, top = getattr(learner, "ladder", None), getattr(learner, "top_level", None)
+    if ladder is not None and top is not None:
+        from fednode.learning.messenger import level_shapes
+
+        return list(level_shapes(ladder, top).values())
+    shared = getattr(learner, "shared_state", None)
+    if shared is None:
+        return None
+    return [tuple(t.shape) for t in shared().values()]
 
 
 class PeerService:
     def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor], int], None]):
         self.ctx = ctx
         self.validate = validate
-        self.gossip_limit = RateLimiter(rate=20.0, burst=40.0)
+        self.gossip_limit = gossip_limiter(ctx.cfg.mesh.gossip_interval_s)
+        self._pushes: dict[str, int] = {}  # caller -> PushMessenger streams in flight
+        self._update_limit: int | None = None  # bytes; computed once the learner is known
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
         self._revoked_logged: dict[str, float] = {}  # revoked caller -> when its refusal was last logged
 
@@ -105,10 +162,37 @@ class PeerService:
                           caller: Caller) -> pb.Receipt:
         try:
             self._check_caller(caller)
-            return await self._push(start, chunks, caller)
+            with self._push_slot(caller):
+                return await self._push(start, chunks, caller)
         except ProtocolError as exc:
             self.refused(exc, caller)
             raise
+
+    @contextlib.contextmanager
+    def _push_slot(self, caller: Caller) -> Iterator[None]:
+        """At most MAX_PUSHES_PER_CALLER streams per caller at once: each holds a payload buffer."""
+        who = caller.node_id or "?"
+        if self._pushes.get(who, 0) >= MAX_PUSHES_PER_CALLER:
+            self.ctx.metrics.rate_limited.labels("PushMessenger", who).inc()
+            raise ProtocolError(Reason.RATE_LIMITED, f"{who} already has {MAX_PUSHES_PER_CALLER} pushes in "
+                                                     f"flight: send one update at a time")
+        self._pushes[who] = self._pushes.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self._pushes[who] -= 1
+            if not self._pushes[who]:
+                del self._pushes[who]
+
+    def update_limit(self) -> int:
+        """The largest total_size an update may announce here (bytes)."""
+        if self._update_limit is None:
+            learner = self.ctx.learner or getattr(self.validate, "__self__", None)
+            shapes = largest_update_shapes(learner) if learner is not None else None
+            if shapes is None:
+                return self.ctx.max_payload
+            self._update_limit = update_size_limit(shapes)
+        return min(self.ctx.max_payload, self._update_limit)  # [limits] max_payload_mib may be reloaded
 
     async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
         try:
@@ -129,8 +213,11 @@ class PeerService:
         return self.ctx.own_hello
 
     async def _gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
-        if not self.gossip_limit.allow(caller.node_id or "?"):
-            raise ProtocolError(Reason.RATE_LIMITED, "too many gossip calls: slow down")
+        who = caller.node_id or "?"
+        if not self.gossip_limit.allow(who):
+            self.ctx.metrics.rate_limited.labels("Gossip", who).inc()
+            raise ProtocolError(Reason.RATE_LIMITED, f"too many gossip calls from {who} (more than "
+                                                     f"{self.gossip_limit.rate:g}/s): gossip less often")
         self.ctx.offer_revocation_list(digest.revocation_list, caller.node_id or digest.sender_id or "?")
         outcome = self.ctx.membership.merge(digest)
         for peer, exc in outcome.refused:
@@ -142,7 +229,7 @@ class PeerService:
         if ctx.draining:
             raise ProtocolError(Reason.NOT_READY, "node is draining")
         opener = open_envelope(start, trust=ctx.trust, node_id=ctx.node_id, key=ctx.payload_key,
-                               max_payload=ctx.max_payload, kind="update")
+                               max_payload=self.update_limit(), kind="update")
         header = opener.header
         admission = ctx.inbox.check(header.round)
         if admission is Admission.STALE:
@@ -154,7 +241,13 @@ class PeerService:
         if not ctx.journal.accept_message(header.sender_id, header.epoch, header.round, bytes(header.message_id)):
             raise ProtocolError(Reason.REPLAY, f"message from {header.sender_id} for epoch {header.epoch} round "
                                                f"{header.round} was already accepted or is too old")
-        update = await receive_update(opener, chunks)
+        limit_s = 2 * ctx.cfg.train.round_timeout_s + PUSH_TIME_SLACK_S
+        try:
+            update = await asyncio.wait_for(receive_update(opener, chunks), limit_s)
+        except TimeoutError:
+            raise ProtocolError(Reason.TRUNCATED, f"update from {header.sender_id} did not finish streaming within "
+                                                  f"{limit_s:g} s (2 x round_timeout_s + {PUSH_TIME_SLACK_S:g}): "
+                                                  f"the sender must push faster or smaller updates") from None
         self.validate(update.tensors, update.level)
         if update.weight <= 0 or update.weight != update.weight or update.weight == float("inf"):
             raise ProtocolError(Reason.MALFORMED, f"aggregation weight {update.weight} is not a positive number")

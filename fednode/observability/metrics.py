@@ -19,6 +19,8 @@ class NodeMetrics:
         self.chunks_sent = Counter("fednode_chunks_sent", "Payload chunks sent", ["peer"], registry=r)
         self.chunks_received = Counter("fednode_chunks_received", "Payload chunks received", ["peer"], registry=r)
         self.rejected = Counter("fednode_rejected_messages", "Peer messages refused", ["reason"], registry=r)
+        self.rate_limited = Counter("fednode_rate_limited", "Calls refused because their caller exceeded its "
+                                    "rate or concurrency limit", ["rpc", "peer"], registry=r)
         self.push_failures = Counter("fednode_push_failures", "Pushes that did not complete", ["peer"], registry=r)
         self.step_time = Histogram("fednode_round_train_seconds", "Local training time per round", registry=r,
                                    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))

@@ -36,6 +36,17 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launching process dies, even by SIGKILL, so no daemon
+    outlives an interrupted harness (Linux prctl PR_SET_PDEATHSIG; elsewhere atexit must do)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class NodeSpec:
     name: str
@@ -124,14 +135,15 @@ class LocalMesh:
         cfg = tomllib.loads(self.nodes[0].config_path.read_text())
         build_tokenizer(Path(cfg["model"]["tokenizer_cache"]), vocab_size=cfg["model"].get("vocab_size", 4096))
 
-    def start(self, name: str) -> subprocess.Popen:
+    def start(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start (or restart) one daemon; `env` adds variables (e.g. FEDNODE_FAULTS)."""
         node = self.node(name)
         log = open(node.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "fednode", "run", "--config", str(node.config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         self.procs[name] = proc
         return proc

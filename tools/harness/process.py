@@ -152,6 +152,14 @@ class ProcessHarness:
         """This node flips a ciphertext bit in every chunk it pushes (peers must refuse: TAMPERED)."""
         self._set(name, tamper=on)
 
+    def crash_at(self, name: str, *points: str) -> None:
+        """The daemon SIGKILLs itself the next time it reaches one of these store write points
+        (e.g. "atomic.written", "atomic.fsynced", "journal.round_inserted"); none clears. Waits
+        stop watching it while the crash is armed, since its death is expected."""
+        self._set(name, crash_at=frozenset(points))
+        if points:
+            self.up.discard(name)
+
     def _set(self, name: str, **changes: Any) -> None:
         plan = self.plans[name]
         self.plans[name] = FaultPlan(**{**plan.__dict__, **changes})

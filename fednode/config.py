@@ -177,7 +177,11 @@ def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any
     if (section, key) in _PATH_KEYS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}: set it to a path")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # "~user/..." for a user this machine does not have
+            raise ConfigError(f"{where} = {value!r}: the home directory in it does not exist here; "
+                              "write the path out in full") from None
         return path if path.is_absolute() else (base / path)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -204,7 +208,7 @@ def _check_address(where: str, value: str, *, allow_empty: bool = False) -> None
     if allow_empty and not value:
         return
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where} = {value!r} is not HOST:PORT: write it like \"127.0.0.1:7700\"")
 
 

@@ -364,17 +364,14 @@ def test_any_config_is_a_config_or_a_one_line_config_error(raw):
         cfg.mesh.gossip_interval_s == math.inf
 
 
-# Found by this fuzzing; fednode/config.py is outside this change, so they are recorded here as
-# strict xfails: the day they are fixed these xpass and fail, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="config bug: escapes as RuntimeError/ValueError instead of ConfigError")
-@pytest.mark.parametrize("section, key, value", [
-    ("node", "data_dir", "~nosuchuser-fednode/data"),  # Path.expanduser raises RuntimeError
-    ("node", "listen", "127.0.0.1:²"),  # str.isdigit accepts '²', int() refuses it
+# Found by this fuzzing (then fixed in fednode/config.py): both used to escape as other exceptions.
+@pytest.mark.parametrize("section, key, value, words", [
+    ("node", "data_dir", "~nosuchuser-fednode/data", "home directory"),  # Path.expanduser raised RuntimeError
+    ("node", "listen", "127.0.0.1:\u00b2", "HOST:PORT"),  # str.isdigit accepts '\u00b2', int() refused it
 ])
-def test_config_values_that_escape_as_other_exceptions_today(section, key, value):
+def test_config_values_that_used_to_escape_as_other_exceptions(section, key, value, words):
     raw = {"node": {"name": "site-a"}}
     raw.setdefault(section, {})[key] = value
-    try:
+    with pytest.raises(ConfigError, match=words) as info:
         parse_config(raw, Path("/tmp/fuzz-config"))
-    except ConfigError:
-        pass
+    assert "\n" not in str(info.value)

@@ -239,5 +239,5 @@ def agreement_from_json(text: str) -> neg.Agreement | None:
         return neg.Agreement(epoch=int(d["epoch"]), level=int(d["level"]), previous_level=int(d["previous_level"]),
                              activate_round=int(d["activate_round"]), proposer=str(d["proposer"]),
                              growth_seed=int(d["growth_seed"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # a damaged record: no agreement
         return None

@@ -169,3 +169,19 @@ def test_close_stops_everything_even_paused_nodes_and_frees_ports(tmp_path):
     assert codes == {"node-0": 0, "node-1": 0}, "both drained cleanly (the paused one was resumed first)"
     assert not any(_running(pid) for pid in pids)
     assert h.ports_free()
+
+
+def test_soak_command_samples_every_node_and_reports_flat_resources(tmp_path):
+    from click.testing import CliRunner
+
+    from tools.bench_cli import main as bench
+
+    out = tmp_path / "soak"
+    result = CliRunner().invoke(bench, ["soak", "--nodes", "2", "--rounds", "3", "--warmup", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.output.strip().splitlines()[-1])
+    assert last["benchmark"] == "soak" and last["rounds_missing"] == 0 and last["leaked_processes"] == 0
+    data = json.loads((out / "soak.json").read_text())
+    assert set(data["per_node"]) == {"node-0", "node-1"}
+    assert all(v["rss_end_mib"] > 10 and v["fds_end"] > 0 for v in data["per_node"].values())
+    assert (out / "soak_rss.png").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from tools.convergence.cli import convergence
+from tools.soak import soak
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,6 +64,7 @@ def transport(size_mib: int, repeats: int, skip_raw: bool, timeout_s: float | No
 
 
 main.add_command(convergence)
+main.add_command(soak)
 
 if __name__ == "__main__":
     main()

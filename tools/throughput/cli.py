@@ -16,7 +16,7 @@ import click
 PRESETS = ("tiny-cpu", "smollm2-135m", "micro")
 # per preset: (limit, max_new_tokens, draft_steps, draft_batch, train_steps); sized to finish in minutes on 2 cores
 DEFAULTS = {
-    "tiny-cpu": (8, 64, 150, 8, 5),
+    "tiny-cpu": (8, 64, 60, 8, 3),
     "smollm2-135m": (4, 48, 60, 4, 2),
     "micro": (2, 16, 0, 4, 1),
 }
@@ -62,7 +62,7 @@ class _Say:
               help="Plain-generation batch sizes; assisted generation runs at batch 1 only (transformers' limit).")
 @click.option("--draft-steps", type=click.IntRange(min=0), default=None,
               help="Without --from-run: steps distilling the messenger into a drafter on local stdlib code "
-                   "[default: 150 tiny-cpu, 60 smollm2-135m, 0 micro]; 0 = untrained draft.")
+                   "[default: 60 tiny-cpu, 60 smollm2-135m, 0 micro]; 0 = untrained draft.")
 @click.option("--draft-level", type=click.IntRange(min=0), default=None,
               help="Messenger level used as draft [default: the largest level the private model out-sizes 8x, "
                    "else 0; with --from-run: the run's level].")
@@ -73,7 +73,7 @@ class _Say:
               help="Cut each prompt to its last N tokens.")
 @click.option("--train-steps", type=click.IntRange(min=0), default=None,
               help="Timed training steps per trainer (0 skips training) "
-                   "[default: 5 tiny-cpu, 2 smollm2-135m, 1 micro].")
+                   "[default: 3 tiny-cpu, 2 smollm2-135m, 1 micro].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Model init, data and batch seed.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, or cuda when available.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")

@@ -14,6 +14,7 @@ import click
 
 from tools.convergence.cli import convergence
 from tools.soak import soak
+from tools.throughput.cli import throughput
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -65,6 +66,7 @@ def transport(size_mib: int, repeats: int, skip_raw: bool, timeout_s: float | No
 
 main.add_command(convergence)
 main.add_command(soak)
+main.add_command(throughput)
 
 if __name__ == "__main__":
     main()

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -69,52 +71,126 @@ async def _drain(stream, max_chunks: int = 65_536, max_seconds: float = 3.0) -> 
         await asyncio.wait_for(consume(), max_seconds)
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request that did not parse as its message type. The lenient deserializers hand it to the
+    servicer, which refuses it as MALFORMED (typed and counted) instead of gRPC's untyped UNKNOWN."""
+
+    type_name: str
+    size: int
+
+    def refusal(self) -> ProtocolError:
+        return ProtocolError(Reason.MALFORMED, f"a {self.size}-byte request is not a valid {self.type_name}: "
+                                               f"send a serialized fednode.v1.{self.type_name}")
+
+
+def _lenient(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(message_type.DESCRIPTOR.name, len(data))
+    return parse
+
+
+def _decoded(request):
+    if isinstance(request, Undecodable):
+        raise request.refusal()
+    return request
+
+
+async def _decoded_stream(stream: AsyncIterator) -> AsyncIterator[pb.Chunk]:
+    async for chunk in stream:
+        yield _decoded(chunk)
+
+
 class PeerServicer(peer_pb2_grpc.PeerServicer):
-    """Adapts gRPC calls to a PeerHandler."""
+    """Adapts gRPC calls to a PeerHandler. Refusals the servicer makes itself (undecodable requests,
+    a push without an envelope start) are counted through the handler's `refused`, like its own."""
 
     def __init__(self, handler: PeerHandler):
         self.handler = handler
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, exc: ProtocolError, caller: Caller) -> None:
-        await _abort(context, exc)
+    def _count(self, exc: ProtocolError, caller: Caller) -> None:
+        refused = getattr(self.handler, "refused", None)
+        if refused is not None:
+            refused(exc, caller)
 
     async def Handshake(self, request, context):  # noqa: N802 (generated name)
         caller = _caller(context)
         try:
+            try:
+                request = _decoded(request)
+            except ProtocolError as exc:
+                self._count(exc, caller)
+                raise
             return await self.handler.handle_handshake(request, caller)
         except ProtocolError as exc:
-            await self._refuse(context, exc, caller)
+            await _abort(context, exc)
 
     async def Gossip(self, request, context):  # noqa: N802
         caller = _caller(context)
         try:
+            try:
+                request = _decoded(request)
+            except ProtocolError as exc:
+                self._count(exc, caller)
+                raise
             return await self.handler.handle_gossip(request, caller)
         except ProtocolError as exc:
-            await self._refuse(context, exc, caller)
+            await _abort(context, exc)
 
     async def PushMessenger(self, request_iterator, context):  # noqa: N802
         caller = _caller(context)
-        stream = request_iterator.__aiter__()
+        stream = _decoded_stream(request_iterator)
         try:
             try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                raise ProtocolError(Reason.MALFORMED,
-                                    "empty stream: the first chunk must carry the envelope start") from None
-            if not first.HasField("start"):
-                raise ProtocolError(Reason.MALFORMED, "the first chunk must carry the envelope start")
-            return await self.handler.handle_push(first.start, stream, caller)
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    raise ProtocolError(Reason.MALFORMED,
+                                        "empty stream: the first chunk must carry the envelope start") from None
+                if not first.HasField("start"):
+                    raise ProtocolError(Reason.MALFORMED, "the first chunk must carry the envelope start")
+            except ProtocolError as exc:
+                self._count(exc, caller)
+                raise
+            return await self.handler.handle_push(first.start, stream, caller)  # counts its own refusals
         except ProtocolError as exc:
-            await _drain(stream)
-            await self._refuse(context, exc, caller)
+            await _drain(request_iterator)
+            await _abort(context, exc)
 
     async def FetchState(self, request, context):  # noqa: N802
         caller = _caller(context)
         try:
+            try:
+                request = _decoded(request)
+            except ProtocolError as exc:
+                self._count(exc, caller)
+                raise
             async for chunk in self.handler.handle_fetch(request, caller):
                 yield chunk
         except ProtocolError as exc:
-            await self._refuse(context, exc, caller)
+            await _abort(context, exc)
+
+
+def add_peer_servicer(servicer: PeerServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_PeerServicer_to_server, with lenient request deserializers."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            servicer.Handshake, request_deserializer=_lenient(pb.SignedHello),
+            response_serializer=pb.SignedHello.SerializeToString),
+        "Gossip": grpc.unary_unary_rpc_method_handler(
+            servicer.Gossip, request_deserializer=_lenient(pb.Digest), response_serializer=pb.Digest.SerializeToString),
+        "PushMessenger": grpc.stream_unary_rpc_method_handler(
+            servicer.PushMessenger, request_deserializer=_lenient(pb.Chunk),
+            response_serializer=pb.Receipt.SerializeToString),
+        "FetchState": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchState, request_deserializer=_lenient(pb.StateRequest),
+            response_serializer=pb.Chunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
@@ -144,7 +220,7 @@ class GrpcTransport(Transport):
 
     async def serve(self, handler: PeerHandler, listen: str) -> str:
         server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(handler), server)
+        add_peer_servicer(PeerServicer(handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:

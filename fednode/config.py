@@ -162,7 +162,8 @@ _SECTION_TYPES = {
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
               ("tls", "key"), ("tls", "crl"), ("model", "tokenizer_cache"), ("data", "dir"),
               ("model", "path"), ("model", "cache")}
-_KNOWN_PRESETS = ("micro", "tiny", "smollm2-135m", "local")
+_KNOWN_PRESETS = ("micro", "tiny", "small", "smollm2-135m", "local")
+_BUILT_LADDERS = ("micro", "tiny")  # fednode.learning.messenger.LADDERS (kept here so config imports no torch)
 MODES = ("adaptive", "static", "fedavg", "local")
 WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
 
@@ -236,6 +237,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[model] preset {cfg.model.preset!r} is unknown{hint}")
     if cfg.model.preset == "local" and cfg.model.path is None:
         raise ConfigError('[model] preset "local" needs [model] path: the directory of a Hugging Face causal LM')
+    ladder = cfg.learning.ladder
+    if ladder and ladder not in _BUILT_LADDERS:
+        raise ConfigError(f"[learning] ladder {ladder!r} is unknown{_suggest(ladder, list(_BUILT_LADDERS))}")
+    if (not ladder and cfg.model.preset not in (*_BUILT_LADDERS, "smollm2-135m", "local")
+            and cfg.learning.mode in ("adaptive", "static")):
+        raise ConfigError(f"[model] preset {cfg.model.preset!r} has no messenger ladder of its own: "
+                          f'set [learning] ladder = "tiny"')
     t = cfg.train
     for key in ("steps_per_round", "batch_size", "keep_checkpoints"):
         if getattr(t, key) < 1:
@@ -342,7 +350,7 @@ key = "{key}"
 # crl = "pki/revoked.crl"            # revocation list from `fednode ca revoke` (optional: it also spreads by gossip)
 
 [model]
-preset = "tiny"                      # tiny (~1M params), micro (tests), smollm2-135m, or local
+preset = "tiny"                      # tiny (~1M params), small (4M; needs ladder), micro (tests), smollm2-135m, local
 # path = "/models/my-code-lm"        # preset "local": a Hugging Face model directory
 seed = 0                             # the same on every site: the mesh starts from one model
 

@@ -223,7 +223,7 @@ def test_unknown_preset_suggests_a_known_one(tmp_path):
     message = config_error(minimal(model={"preset": "tinny"}), tmp_path)
     assert "'tinny' is unknown" in message and "did you mean 'tiny'" in message
     message = config_error(minimal(model={"preset": "gpt-9"}), tmp_path)
-    assert "known: local, micro, smollm2-135m, tiny" in message
+    assert "known: local, micro, small, smollm2-135m, tiny" in message
 
 
 def test_missing_node_name_and_missing_node_section(tmp_path):
@@ -344,3 +344,17 @@ def test_load_reports_validation_errors_as_config_errors(tmp_path):
 def test_local_preset_needs_a_model_path(tmp_path):
     message = config_error(minimal(model={"preset": "local"}), tmp_path)
     assert "[model] path" in message
+
+
+def test_small_preset_needs_a_ladder_and_ladders_are_checked(tmp_path):
+    from fednode.config import _BUILT_LADDERS
+    from fednode.learning.messenger import LADDERS
+
+    assert set(_BUILT_LADDERS) == set(LADDERS), "config's ladder list drifted from messenger.LADDERS"
+    base = {"node": {"name": "a"}, "model": {"preset": "small"}}
+    with pytest.raises(ConfigError, match='set \\[learning\\] ladder = "tiny"'):
+        parse_config(base, tmp_path)
+    assert parse_config({**base, "learning": {"ladder": "tiny"}}, tmp_path).learning.ladder == "tiny"
+    assert parse_config({**base, "learning": {"mode": "fedavg"}}, tmp_path).model.preset == "small"
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        parse_config({**base, "learning": {"ladder": "tinyy"}}, tmp_path)

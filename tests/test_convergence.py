@@ -74,7 +74,9 @@ def test_arms_and_presets_parse_or_explain():
         Arm.parse("static-x")
     preset = resolve("tiny-cpu", rounds=3, seeds=None)
     assert preset.rounds == 3 and preset.seeds == (0, 1, 2)
-    assert preset.arms() == ["adaptive", "static-0", "static-1", "static-2", "static-3", "fedavg", "local"]
+    assert preset.arms() == ["adaptive", "static-0", "static-3", "fedavg", "local"]
+    assert preset.arms(every_level=True) == ["adaptive", "static-0", "static-1", "static-2", "static-3", "fedavg",
+                                             "local"]
     o = preset.overrides("static", 2, seed=1)
     assert o["learning"]["static_level"] == 2 and o["model"]["seed"] == 1
     assert o["train"]["keep_checkpoints"] > preset.rounds, "every round's checkpoint is kept for scoring"

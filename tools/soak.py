@@ -37,6 +37,17 @@ def growth(first: float, last: float) -> float:
     return (last - first) / first if first else 0.0
 
 
+def round_gaps(records: list[tuple[int, str]], rounds: int) -> tuple[list[int], list[int]]:
+    """(lost, caught_up) among rounds 1..rounds for one node's journal [(round, source)]: a round
+    not in the journal is caught up when a later round was adopted from a peer (FetchState: the
+    node skipped ahead to the mesh's state, by design, when it lagged), and lost otherwise."""
+    have = {r for r, _ in records}
+    fetched = [r for r, source in records if source.startswith("fetched")]
+    missing = [r for r in range(1, rounds + 1) if r not in have]
+    caught_up = [r for r in missing if any(f > r for f in fetched)]
+    return [r for r in missing if r not in caught_up], caught_up
+
+
 @click.command()
 @click.option("--nodes", type=click.IntRange(min=2), default=12, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=2), default=100, show_default=True)
@@ -44,7 +55,7 @@ def growth(first: float, last: float) -> float:
               help="RSS and fds are compared from this round to the last.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/soak"), show_default=True)
 @click.option("--check", is_flag=True, help="Exit 1 unless every target holds (RSS growth < 10%, fds flat, "
-                                            "no round missing, no process left).")
+                                            "no round lost, every node at the last round, no process left).")
 def soak(nodes: int, rounds: int, warmup: int, out: Path, check: bool) -> None:
     """Run a mesh of real daemons for many rounds and check that memory and file descriptors stay
     flat, every round commits on every node, and nothing is left running afterwards."""
@@ -70,33 +81,40 @@ def soak(nodes: int, rounds: int, warmup: int, out: Path, check: bool) -> None:
                                f"mean RSS {rss:.0f} MiB", err=True)
             h.close()
             leaked = [name for name, pid in pids.items() if _running(pid)]
-            journals = {name: [rec.round for rec in h.rounds(name)] for name in h.names}
+            journals = {name: [(rec.round, rec.source) for rec in h.rounds(name)] for name in h.names}
             samples = dict(h.samples)
     per_node = {}
     for name, trail in samples.items():
         first, last = at_round(trail, warmup), trail[-1][1]
+        lost, caught_up = round_gaps(journals[name], rounds)
         per_node[name] = {"rss_warmup_mib": first.rss_bytes / 2**20, "rss_end_mib": last.rss_bytes / 2**20,
                           "rss_growth": growth(first.rss_bytes, last.rss_bytes), "fds_warmup": first.open_fds,
                           "fds_end": last.open_fds, "threads_end": last.threads,
-                          "missing_rounds": sorted(set(range(1, rounds + 1)) - set(journals[name]))}
+                          "lost_rounds": lost, "caught_up_rounds": caught_up,
+                          "last_round": max((r for r, _ in journals[name]), default=0)}
     summary = {
         "rss_growth_max": max(v["rss_growth"] for v in per_node.values()),
         "fd_growth_max": max(v["fds_end"] - v["fds_warmup"] for v in per_node.values()),
-        "rounds_missing": sum(len(v["missing_rounds"]) for v in per_node.values()),
+        "rounds_lost": sum(len(v["lost_rounds"]) for v in per_node.values()),
+        "rounds_caught_up": sum(len(v["caught_up_rounds"]) for v in per_node.values()),
+        "nodes_short_of_last_round": sum(v["last_round"] < rounds for v in per_node.values()),
         "leaked_processes": len(leaked), "minutes": (time.monotonic() - started) / 60,
     }
-    passed = (summary["rss_growth_max"] < 0.10 and summary["fd_growth_max"] <= 2 and not summary["rounds_missing"]
-              and not leaked)
+    passed = (summary["rss_growth_max"] < 0.10 and summary["fd_growth_max"] <= 2 and not summary["rounds_lost"]
+              and not summary["nodes_short_of_last_round"] and not leaked)
     summary["passed"] = passed
     rows = [[n, f"{v['rss_warmup_mib']:.0f}", f"{v['rss_end_mib']:.0f}", f"{v['rss_growth']:+.1%}", v["fds_warmup"],
-             v["fds_end"], len(v["missing_rounds"])] for n, v in per_node.items()]
+             v["fds_end"], v["last_round"], len(v["lost_rounds"]), len(v["caught_up_rounds"])]
+            for n, v in per_node.items()]
     text = "\n".join([
         f"# Soak: {nodes} daemons x {rounds} rounds", "", f"Command: `{meta['command']}`  ",
         f"Date: {meta['date_utc']}  ", "",
         report.markdown_table(["node", f"RSS MiB @ round {warmup}", f"RSS MiB @ round {rounds}", "growth",
-                               f"fds @ {warmup}", f"fds @ {rounds}", "rounds missing"], rows), "",
+                               f"fds @ {warmup}", f"fds @ {rounds}", "last round", "rounds lost",
+                               "rounds caught up (FetchState)"], rows), "",
         f"Max RSS growth {summary['rss_growth_max']:+.1%} (target < 10%), max fd growth {summary['fd_growth_max']}, "
-        f"rounds missing {summary['rounds_missing']}, processes left {len(leaked)}: "
+        f"rounds lost {summary['rounds_lost']}, rounds skipped by catching up {summary['rounds_caught_up']}, "
+        f"nodes short of round {rounds}: {summary['nodes_short_of_last_round']}, processes left {len(leaked)}: "
         f"{'PASS' if passed else 'FAIL'} in {summary['minutes']:.1f} min", ""])
     report.write_report(out, "soak", {"metadata": meta, "summary": summary, "per_node": per_node,
                                       "samples": {n: [(r, s.__dict__) for r, s in t] for n, t in samples.items()}},

@@ -12,22 +12,19 @@ messenger, and its own private model is left alone.
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
-from fednode.config import parse_config, to_toml
 from fednode.learning import messenger
-from fednode.learning.data import stdlib_partitions, write_partition
 from fednode.learning.models import state_tensors
 from fednode.node import peer_service, rounds
 from fednode.node.daemon import Daemon
 from fednode.node.learner import MessengerLearner
-from fednode.security.pki import init_ca, issue_node
 from fednode.store.checkpoint import load_checkpoint
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
+from tools.harness.sim import sim_configs
 
 N = 4  # n0..n2 start together, n3 starts late and catches up
 LATE = "n3"
@@ -35,31 +32,15 @@ LADDER = messenger.LADDERS["micro"]
 
 
 def make_configs(root: Path) -> list:
-    pki = root / "pki"
-    init_ca(pki)
-    parts = stdlib_partitions(N)
-    configs = []
-    for i in range(N):
-        name = f"n{i}"
-        issue_node(pki, name, ["127.0.0.1"])
-        home = root / name
-        write_partition(parts[i], home / "code", max_bytes=40_000)
-        raw = {
-            "node": {"name": name, "data_dir": str(home / "state"), "listen": f"mem:{7000 + i}"},
-            "mesh": {"seeds": ["mem:7000", "mem:7001"], "gossip_interval_s": 0.2, "suspect_after_s": 2.0,
-                     "dead_after_s": 5.0},
-            "tls": {"ca": str(pki / "ca.crt"), "cert": str(pki / f"{name}.crt"), "key": str(pki / f"{name}.key")},
-            "model": {"preset": "micro", "tokenizer_cache": str(root / "tok")},
-            "data": {"dir": str(home / "code"), "seq_len": 32, "max_tokens": 5_000},
-            "train": {"steps_per_round": 1, "batch_size": 2, "round_timeout_s": 3.0, "threads": 1,
-                      "catchup_lag": 2},
-            "learning": {"mode": "adaptive"},  # the product mode: the messenger travels at the negotiated level
-            # eager growth (as `fednode demo --adaptive`): updates travel at more than one level
-            "negotiation": {"plateau_window": 1, "plateau_theta": 10.0, "js_threshold": 0.0, "min_round_gap": 0,
-                            "activation_delay": 3, "min_live_peers": 2},
-        }
-        configs.append(parse_config(tomllib.loads(to_toml(raw)), root))
-    return configs
+    return sim_configs(root, N, code_bytes=40_000, overrides={
+        "mesh": {"gossip_interval_s": 0.2, "suspect_after_s": 2.0, "dead_after_s": 5.0},
+        "data": {"max_tokens": 5_000},
+        "train": {"round_timeout_s": 3.0, "catchup_lag": 2},
+        "learning": {"mode": "adaptive"},  # the product mode: the messenger travels at the negotiated level
+        # eager growth (as `fednode demo --adaptive`): updates travel at more than one level
+        "negotiation": {"plateau_window": 1, "plateau_theta": 10.0, "js_threshold": 0.0, "min_round_gap": 0,
+                        "activation_delay": 3, "min_live_peers": 2},
+    })
 
 
 async def wait_for(predicate, timeout: float, what: str) -> None:

@@ -7,43 +7,22 @@ partition never blocks a round past its deadline, and the halves re-merge when i
 from __future__ import annotations
 
 import asyncio
-import tomllib
 from pathlib import Path
 
-from fednode.config import parse_config, to_toml
-from fednode.learning.data import stdlib_partitions, write_partition
 from fednode.node.daemon import Daemon
-from fednode.security.pki import init_ca, issue_node
 from fednode.store.journal import Journal
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
+from tools.harness.sim import sim_configs
 
 N = 4
 
 
 def make_configs(root: Path, extra: dict | None = None, per_node: dict | None = None) -> list:
-    pki = root / "pki"
-    init_ca(pki)
-    parts = stdlib_partitions(N)
-    configs = []
-    for i in range(N):
-        name = f"n{i}"
-        issue_node(pki, name, ["127.0.0.1"])
-        home = root / name
-        write_partition(parts[i], home / "code", max_bytes=40_000)
-        raw = {
-            "node": {"name": name, "data_dir": str(home / "state"), "listen": f"mem:{7000 + i}"},
-            "mesh": {"seeds": ["mem:7000"], "gossip_interval_s": 0.2, "suspect_after_s": 1.5, "dead_after_s": 4.0},
-            "tls": {"ca": str(pki / "ca.crt"), "cert": str(pki / f"{name}.crt"), "key": str(pki / f"{name}.key")},
-            "model": {"preset": "micro", "tokenizer_cache": str(root / "tok")},
-            "data": {"dir": str(home / "code"), "seq_len": 32, "max_tokens": 5_000},
-            "train": {"steps_per_round": 1, "batch_size": 2, "round_timeout_s": 3.0, "threads": 1},
-        }
-        for section, values in {**(extra or {})}.items():
-            raw.setdefault(section, {}).update(values)
-        for section, values in (per_node or {}).get(name, {}).items():
-            raw.setdefault(section, {}).update(values)
-        configs.append(parse_config(tomllib.loads(to_toml(raw)), root))
-    return configs
+    base = {"mesh": {"gossip_interval_s": 0.2, "suspect_after_s": 1.5, "dead_after_s": 4.0},
+            "data": {"max_tokens": 5_000}, "train": {"round_timeout_s": 3.0}}
+    for section, values in (extra or {}).items():
+        base[section] = {**base.get(section, {}), **values}
+    return sim_configs(root, N, overrides=base, per_node=per_node, seeds=1, code_bytes=40_000)
 
 
 async def wait_for(predicate, timeout: float, what: str) -> None:

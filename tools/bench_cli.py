@@ -14,6 +14,7 @@ import click
 
 from tools.convergence.cli import convergence
 from tools.humaneval.cli import humaneval
+from tools.scaling import scaling
 from tools.soak import soak
 from tools.throughput.cli import throughput
 
@@ -67,6 +68,7 @@ def transport(size_mib: int, repeats: int, skip_raw: bool, timeout_s: float | No
 
 main.add_command(convergence)
 main.add_command(soak)
+main.add_command(scaling)
 main.add_command(throughput)
 main.add_command(humaneval, name="humaneval")
 

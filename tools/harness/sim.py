@@ -33,7 +33,7 @@ def sim_configs(root: Path, n: int, *, overrides: dict[str, dict[str, Any]] | No
     pki = root / "pki"
     init_ca(pki, force=True)
     parts = stdlib_partitions(n)
-    width = max(2, len(str(n - 1)))
+    width = len(str(n - 1))  # n0..n3, n00..n11, n00..n49
     configs = []
     for i in range(n):
         name = f"n{i:0{width}d}"
@@ -147,11 +147,15 @@ class SimHarness:
     def rounds(self, name: str):
         return read_rounds(self.configs[name].node.data_dir)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 30.0) -> None:
+        """Drain every node (they finish the round they are in), then cancel what is left."""
         for daemon in self.daemons.values():
             daemon.request_drain()
-        for task in self.tasks.values():
-            task.cancel()
+        pending = [t for t in self.tasks.values() if not t.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
         for task in self.tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

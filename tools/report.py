@@ -18,18 +18,20 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import io
 import json
 import math
 import os
 import platform
 import shlex
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+
+from fednode.errors import StoreError
 
 __all__ = [
     "ReportError",
@@ -199,21 +201,12 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write bytes to path via a temp file in the same directory and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write bytes to path via a temp file, fsync and rename (never half-written): the daemon's
+    own atomic writer, so a report survives a crash exactly like a checkpoint does."""
+    from fednode.store.atomic import write_atomic as store_write_atomic
+
+    store_write_atomic(Path(path), data)
+    return Path(path)
 
 
 def write_report(out_dir: Path, name: str, data: Mapping[str, Any], markdown: str) -> dict[str, Path]:
@@ -231,8 +224,9 @@ def write_report(out_dir: Path, name: str, data: Mapping[str, Any], markdown: st
     try:
         write_atomic(paths["json"], payload)
         write_atomic(paths["md"], text.encode())
-    except OSError as exc:
-        raise ReportError(f"cannot write the report into {out_dir} ({exc.strerror or exc}): free space or pick "
+    except (OSError, StoreError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ReportError(f"cannot write the report into {out_dir} ({reason}): free space or pick "
                           "another --out") from None
     return paths
 
@@ -279,19 +273,12 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     prepare_out_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
-    return path
+    return write_atomic(path, buffer.getvalue())
 
 
 def line_plot(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,

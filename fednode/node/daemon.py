@@ -233,7 +233,8 @@ class Daemon:
         found = latest_good_round(ctx.journal, ctx.checkpoint_dir)
         if found is None:
             raise StoreError(f"journal says round {last.round} was committed but no checkpoint in "
-                             f"{ctx.checkpoint_dir} is intact: restore the data dir from backup")
+                             f"{ctx.checkpoint_dir} is intact (newest: {last.checkpoint}): restore the data "
+                             f"dir from backup")
         record, tensors, meta = found
         self.learner.restore(tensors, meta)
         ctx.committed_round = last.round

@@ -63,7 +63,7 @@ def mesh(tmp_path, request):
 
 
 @pytest.mark.parametrize("mesh", [{"train": {"steps_per_round": 60}}], indirect=True)
-def test_kill9_while_training(mesh):
+def test_kill9_while_training_then_a_restart_storm(mesh):
     h = mesh
     h.wait_round(1, timeout=120)
     h.wait_until("node-1 training", lambda st: st["node-1"]["state"] == "training", 60, names=["node-1"], poll=0.05)
@@ -73,6 +73,14 @@ def test_kill9_while_training(mesh):
     resume_and_progress(h, ["node-1"])
     assert_kept(before, committed(h, "node-1"), "node-1")
     assert_checkpoints_intact(h, "node-1", keep=2)
+
+    # restart storm: every node killed -9 and restarted within a second or two
+    for name in h.names:
+        h.kill(name)
+    before = {name: committed(h, name) for name in h.names}
+    resume_and_progress(h, h.names)
+    for name in h.names:
+        assert_kept(before[name], committed(h, name), name)
 
 
 @pytest.mark.parametrize("mesh", [{"limits": {"chunk_kib": 8}, "train": {"round_timeout_s": 15.0}}], indirect=True)
@@ -106,17 +114,6 @@ def test_kill9_while_writing_a_checkpoint_or_committing(mesh, point):
     assert_checkpoints_intact(h, "node-2", keep=2)
 
 
-def test_restart_storm(mesh):
-    h = mesh
-    h.wait_round(2, timeout=120)
-    for name in h.names:
-        h.kill(name)
-    before = {name: committed(h, name) for name in h.names}
-    resume_and_progress(h, h.names)  # all three restarted within a second or two
-    for name in h.names:
-        assert_kept(before[name], committed(h, name), name)
-
-
 EAGER = {"negotiation": {"plateau_window": 1, "plateau_theta": 10.0, "js_threshold": 0.0, "min_round_gap": 1,
                          "activation_delay": 3, "min_live_peers": 2}}
 
@@ -126,11 +123,15 @@ def test_partition_halves_negotiate_apart_and_reconcile_to_the_highest_epoch(mes
     h = mesh
     h.wait_round(1, timeout=120)
     h.partition(["node-0", "node-1"], ["node-2"])
+    h.wait_until("each side sees only its own group", lambda st: (
+        st["node-0"]["peers_alive"] == 1 and st["node-1"]["peers_alive"] == 1 and st["node-2"]["peers_alive"] == 0),
+        60)
     st = h.wait_until("the pair grows while the lone node cannot (min_live_peers 2)",
                       lambda st: st["node-0"]["level"] >= 1 and st["node-1"]["level"] >= 1, 180)
     assert st["node-2"]["level"] == 0
     before = {name: committed(h, name) for name in h.names}
     h.heal()
+    h.wait_members(timeout=60)
     st = h.wait_until("one epoch and level everywhere", lambda st: (
         len({(s["epoch"], s["level"]) for s in st.values()}) == 1 and st["node-2"]["level"] >= 1), 180)
     assert st["node-2"]["epoch"] >= before["node-0"][max(before["node-0"])][2]

@@ -142,6 +142,8 @@ def _finish(summary: dict | None, meta: dict, out: Path) -> None:
         "benchmark": "convergence", "preset": meta.get("preset"), "rounds_ratio": summary["rounds_ratio"],
         "bytes_ratio": summary["bytes_ratio"], "wall_ratio": summary["wall_ratio"],
         "target_nll_bpb": summary["target_nll_bpb"],
+        "at_adaptive_best": {k: (summary.get("at_adaptive_best") or {}).get(k)
+                             for k in ("target_nll_bpb", "rounds_ratio", "bytes_ratio")},
         "rounds_to_target": {arm: a["rounds_to_target"]["mean"] for arm, a in summary["arms"].items()},
         "bytes_to_target": {arm: a["bytes_to_target"]["mean"] for arm, a in summary["arms"].items()},
     })

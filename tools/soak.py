@@ -96,7 +96,7 @@ def soak(nodes: int, rounds: int, warmup: int, out: Path, check: bool) -> None:
         end = trail[-1][0]
         rss_warm = window_median(trail, warmup, warmup + WINDOW - 1, lambda s: s.rss_bytes)
         rss_end = window_median(trail, end - WINDOW + 1, end, lambda s: s.rss_bytes)
-        fds_warm = window_median(trail, warmup, warmup + WINDOW - 1, lambda s: s.open_fds)
+        fds_warm = round(window_median(trail, warmup, warmup + WINDOW - 1, lambda s: s.open_fds))
         last = trail[-1][1]
         lost, caught_up = round_gaps(journals[name], rounds)
         per_node[name] = {"rss_warmup_mib": rss_warm / 2**20, "rss_end_mib": rss_end / 2**20,

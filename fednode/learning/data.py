@@ -176,17 +176,25 @@ def _flat_names(files: Sequence[Path]) -> list[str]:
 def write_partition(files: list[Path], dest: Path, max_bytes: int | None = None) -> int:
     """Copy files into dest as flat names, skipping any that would overflow max_bytes.
 
-    Returns the bytes written. Contents are copied unchanged.
+    Returns the bytes written. Contents are copied unchanged, except when no whole file fits the
+    budget: then the first file is cut at its last line break within max_bytes, so a small budget
+    over a partition of large files still gives the node some code.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     written = 0
-    for path, name in zip(files, _flat_names(files), strict=True):
+    names = _flat_names(files)
+    for path, name in zip(files, names, strict=True):
         size = _file_size(path)
         if max_bytes is not None and written + size > max_bytes:
             continue
         shutil.copyfile(path, dest / name)
         written += size
+    if written == 0 and files and max_bytes:
+        head = files[0].read_bytes()[:max_bytes]
+        head = head[: head.rfind(b"\n") + 1] or head
+        (dest / names[0]).write_bytes(head)
+        written = len(head)
     return written
 
 

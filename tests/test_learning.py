@@ -257,8 +257,10 @@ def test_write_partition_budget_and_content(tmp_path):
     budget = max(f.stat().st_size for f in files)
     small = write_partition(files, tmp_path / "e", max_bytes=budget)  # only one file fits
     assert small in {f.stat().st_size for f in files} and len(list((tmp_path / "e").iterdir())) == 1
-    cut = write_partition(files, tmp_path / "f", max_bytes=1000)  # no whole file fits: a prefix of the first
-    (only,) = (tmp_path / "f").iterdir()
+    empty = tmp_path / "__init__.py"
+    empty.write_text("")
+    cut = write_partition([empty, *files], tmp_path / "f", max_bytes=1000)  # no file with code fits: a prefix
+    only = max((tmp_path / "f").iterdir(), key=lambda p: p.stat().st_size)
     assert 0 < cut <= 1000 and files[0].read_bytes().startswith(only.read_bytes())
     assert only.read_bytes().endswith(b"\n")
 

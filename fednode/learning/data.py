@@ -177,7 +177,7 @@ def write_partition(files: list[Path], dest: Path, max_bytes: int | None = None)
     """Copy files into dest as flat names, skipping any that would overflow max_bytes.
 
     Returns the bytes written. Contents are copied unchanged, except when no whole file fits the
-    budget: then the first file is cut at its last line break within max_bytes, so a small budget
+    budget: then the first non-empty file is cut at its last line break within max_bytes, so a small budget
     over a partition of large files still gives the node some code.
     """
     dest = Path(dest)
@@ -190,10 +190,11 @@ def write_partition(files: list[Path], dest: Path, max_bytes: int | None = None)
             continue
         shutil.copyfile(path, dest / name)
         written += size
-    if written == 0 and files and max_bytes:
-        head = files[0].read_bytes()[:max_bytes]
+    first = next((i for i, f in enumerate(files) if _file_size(f) > 0), None)
+    if written == 0 and first is not None and max_bytes:
+        head = files[first].read_bytes()[:max_bytes]
         head = head[: head.rfind(b"\n") + 1] or head
-        (dest / names[0]).write_bytes(head)
+        (dest / names[first]).write_bytes(head)
         written = len(head)
     return written
 

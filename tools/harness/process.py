@@ -229,17 +229,26 @@ class ProcessHarness:
     def report(self, name: str) -> NodeReport:
         return NodeReport(name, self.status(name), self.rounds(name), list(self.samples[name]))
 
-    def ports_free(self) -> bool:
-        """True when none of the mesh's listen ports is bound any more (after close)."""
+    def ports_free(self, within: float = 60.0) -> bool:
+        """True once none of the mesh's listen ports is held any more (after close), polling up to
+        `within` seconds: the kernel may keep a killed daemon's connections briefly."""
         import socket
 
-        for name in self.names:
-            host, _, port = self.address(name).rpartition(":")
+        def bindable(address: str) -> bool:
+            host, _, port = address.rpartition(":")
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a daemon would: TIME_WAIT is no owner
                 try:
                     s.bind((host, int(port)))
                 except OSError:
                     return False
+            return True
+
+        deadline = time.monotonic() + within
+        while not all(bindable(self.address(name)) for name in self.names):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
         return True
 
 

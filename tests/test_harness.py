@@ -6,7 +6,6 @@ harness."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import pytest
 
 from fednode.transport.faults import FaultPlan
 from tools.harness import ProcessHarness
-from tools.harness.process import HarnessError
+from tools.harness.process import HarnessError, port_bindable
 
 FAST = {
     "model": {"preset": "micro"},
@@ -116,20 +115,10 @@ def test_daemons_die_with_a_killed_harness_and_ports_are_freed(tmp_path):
     # the kernel may hold a dead daemon's connections briefly (orphaned FIN-WAIT on loopback): the
     # listen ports must become bindable within a bound, as a restarted daemon needs them
     deadline = time.monotonic() + 60
-    while not all(_bindable(address) for address in info["addresses"]):
+    while not all(port_bindable(address) for address in info["addresses"]):
         assert time.monotonic() < deadline, "listen ports still held a minute after the daemons died"
         time.sleep(0.2)
 
-
-def _bindable(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server would: TIME_WAIT is no owner
-        try:
-            s.bind((host, int(port)))
-        except OSError:
-            return False
-    return True
 
 
 def _running(pid: int) -> bool:

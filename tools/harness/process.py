@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -232,24 +233,25 @@ class ProcessHarness:
     def ports_free(self, within: float = 60.0) -> bool:
         """True once none of the mesh's listen ports is held any more (after close), polling up to
         `within` seconds: the kernel may keep a killed daemon's connections briefly."""
-        import socket
-
-        def bindable(address: str) -> bool:
-            host, _, port = address.rpartition(":")
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a daemon would: TIME_WAIT is no owner
-                try:
-                    s.bind((host, int(port)))
-                except OSError:
-                    return False
-            return True
-
         deadline = time.monotonic() + within
-        while not all(bindable(self.address(name)) for name in self.names):
+        while not all(port_bindable(self.address(name)) for name in self.names):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.2)
         return True
+
+
+def port_bindable(address: str) -> bool:
+    """Whether a new server could listen on HOST:PORT now (SO_REUSEADDR, as a daemon binds: a
+    connection in TIME_WAIT is no owner)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
 
 
 def typed_status(status: Status) -> Status:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,23 @@ class LocalMesh:
         log.close()
         self.procs[name] = proc
         return proc
+
+    @contextlib.contextmanager
+    def running(self, names: list[str] | tuple[str, ...] | None = None, timeout: float = 120.0,
+                min_round: int = 1) -> Iterator[LocalMesh]:
+        """Start these daemons (all by default), wait until each sees the others alive and has
+        committed `min_round`, and stop every daemon on exit (tests' module fixtures)."""
+        names = list(names or [n.name for n in self.nodes])
+        self.prepare_tokenizer()
+        for name in names:
+            self.start(name)
+        try:
+            for name in names:
+                self.wait(name, lambda s: s["peers_alive"] == len(names) - 1 and int(s["round"]) >= min_round,
+                          timeout)
+            yield self
+        finally:
+            self.stop_all(timeout=20)
 
     def start_all(self) -> None:
         for node in self.nodes:

@@ -28,11 +28,11 @@ from fednode.security.envelope import EnvelopeSealer
 from fednode.security.hello import verify_hello
 from fednode.security.pki import TrustStore, issue_node, load_identity
 from fednode.store.checkpoint import load_checkpoint, shared_name
-from fednode.store.journal import Journal
 from fednode.transport.base import PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.transport.tensorstream import encode
 from fednode.v1 import peer_pb2 as pb
+from tools.harness.collect import read_rounds
 
 FAST = {
     "model": {"preset": "micro"},
@@ -50,23 +50,12 @@ def mesh(tmp_path_factory):
     m = LocalMesh.create(root, 4, code_bytes=60_000, overrides=FAST)
     m.configure("node-3", "model", preset="tiny")  # an incompatible family, started by one test only
     m.configure("node-0", "metrics", listen=f"127.0.0.1:{free_ports(1)[0]}")
-    m.prepare_tokenizer()
-    for name in NAMES:
-        m.start(name)
-    try:
-        for name in NAMES:
-            m.wait(name, lambda s: s["peers_alive"] == 2 and int(s["round"]) >= 1, START_TIMEOUT)
+    with m.running(NAMES, START_TIMEOUT):
         yield m
-    finally:
-        m.stop_all(timeout=20)
 
 
 def rounds_of(m: LocalMesh, name: str):
-    journal = Journal.open(m.node(name).data_dir / "journal.db")
-    try:
-        return journal.rounds()
-    finally:
-        journal.close()
+    return read_rounds(m.node(name).data_dir)
 
 
 def round_now(m: LocalMesh, name: str) -> int:

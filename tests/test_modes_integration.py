@@ -29,8 +29,8 @@ from fednode.learning import messenger
 from fednode.learning.models import build_model, resolve_preset, state_tensors
 from fednode.learning.tokenizer import build_tokenizer
 from fednode.store.checkpoint import load_checkpoint, shared_name
-from fednode.store.journal import Journal
 from fednode.transport.tensorstream import encode
+from tools.harness.collect import read_rounds
 
 ROUNDS = 8  # below 10: every update's header (round number) has the same length
 STATIC_LEVEL = 2
@@ -76,11 +76,7 @@ def meshes(tmp_path_factory):
 
 
 def rounds_of(m: LocalMesh, name: str):
-    journal = Journal.open(m.node(name).data_dir / "journal.db")
-    try:
-        return journal.rounds()
-    finally:
-        journal.close()
+    return read_rounds(m.node(name).data_dir)
 
 
 def cli_status(m: LocalMesh, name: str) -> dict:

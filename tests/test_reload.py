@@ -198,15 +198,8 @@ NAMES = ("node-0", "node-1", "node-2")
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     m = LocalMesh.create(tmp_path_factory.mktemp("reload"), 3, code_bytes=60_000, overrides=FAST)
-    m.prepare_tokenizer()
-    for name in NAMES:
-        m.start(name)
-    try:
-        for name in NAMES:
-            m.wait(name, lambda s: s["peers_alive"] == 2 and int(s["round"]) >= 1, START_TIMEOUT)
+    with m.running(NAMES, START_TIMEOUT):
         yield m
-    finally:
-        m.stop_all(timeout=20)
 
 
 def wait_for(what: str, predicate, timeout: float, on_timeout=lambda: "") -> None:

@@ -300,15 +300,8 @@ def mesh(tmp_path_factory):
     m = LocalMesh.create(tmp_path_factory.mktemp("revocation"), 3, code_bytes=60_000, overrides=FAST)
     for name in ("node-0", "node-1"):
         m.configure(name, "metrics", listen=f"127.0.0.1:{free_ports(1)[0]}")
-    m.prepare_tokenizer()
-    for name in NAMES:
-        m.start(name)
-    try:
-        for name in NAMES:
-            m.wait(name, lambda s: s["peers_alive"] == 2 and int(s["round"]) >= 1, START_TIMEOUT)
+    with m.running(NAMES, START_TIMEOUT):
         yield m
-    finally:
-        m.stop_all(timeout=20)
 
 
 def test_a_list_installed_on_one_node_spreads_and_every_node_refuses_the_revoked_one(mesh):

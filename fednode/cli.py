@@ -8,6 +8,7 @@ inside the commands that need them, so `--help` is instant.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def init_cmd(path: Path, name: str, listen: str, seeds: tuple[str, ...], force: 
 @main.command("run")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Node config (TOML).")
-def run_cmd(config_path: Path) -> None:
+@click.option("--exit-when-done", is_flag=True,
+              help="Once [train] rounds are committed, drain and exit 0 (batch jobs) instead of serving peers.")
+def run_cmd(config_path: Path, exit_when_done: bool) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT or `fednode drain`."""
     import asyncio
 
@@ -167,9 +170,37 @@ def run_cmd(config_path: Path) -> None:
 
     cfg = load_config(config_path)
     setup_logging(cfg.node.name, cfg.log.level, cfg.log.format)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in the daemon's log stream
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     from fednode.node.daemon import Daemon
 
-    sys.exit(asyncio.run(Daemon(cfg).run()))
+    sys.exit(asyncio.run(Daemon(cfg, exit_when_done=exit_when_done).run()))
+
+
+@main.command("check")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Node config (TOML) to check.")
+def check_cmd(config_path: Path) -> None:
+    """Preflight: what would stop or weaken this node, before it starts.
+
+    One line per check (certificates and their expiry, revocation list, code to train on, model
+    files, state directory, ports, operator socket); exits with the code `fednode run` would exit
+    with at the first failure (0 when nothing fails; warnings do not fail).
+    """
+    from fednode.config import load_config
+    from fednode.preflight import Level, exit_code, run_checks
+
+    cfg = load_config(config_path)
+    findings = run_checks(cfg)
+    for finding in findings:
+        click.echo(finding.line(), err=finding.level is Level.FAIL)
+    code = exit_code(findings)
+    failed = sum(f.level is Level.FAIL for f in findings)
+    warned = sum(f.level is Level.WARN for f in findings)
+    click.echo(f"{cfg.node.name}: {failed} failed, {warned} warnings, {len(findings) - failed - warned} ok")
+    sys.exit(int(code))
 
 
 # ------------------------------------------------------------------------------- operator commands
@@ -221,10 +252,44 @@ def drain_cmd(config_path: Path | None, socket: Path | None, as_json: bool) -> N
     click.echo(json.dumps({"accepted": accepted}) if as_json else "drain requested")
 
 
+# ------------------------------------------------------------------------------------------ export
+@main.command("export")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Node config (TOML): its data dir holds the journal and checkpoints.")
+@click.option("--round", "round_", type=click.IntRange(0), default=None,
+              help="Committed round to export [default: the newest in the node's journal].")
+@click.option("--what", type=click.Choice(["private", "messenger", "merged"]), default="private",
+              show_default=True,
+              help="private: the site's own model P; messenger: the merged messenger (distilled family); "
+                   "merged: the merged model itself (shared-prefix family, fedavg).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New (or empty) directory for the Hugging Face files.")
+def export_cmd(config_path: Path, round_: int | None, what: str, out: Path) -> None:
+    """Write a node's model as a Hugging Face save_pretrained directory.
+
+    The directory holds config.json, generation_config.json, model.safetensors and the tokenizer
+    files: transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT) load it with
+    no fednode code. Safe while the node runs (it reads a committed checkpoint).
+    """
+    from fednode.config import load_config
+    from fednode.export import describe, export
+
+    cfg = load_config(config_path)
+    node_model, files = export(cfg, what, out, round_)
+    params = sum(p.numel() for p in node_model.model.parameters())
+    click.echo(f"exported {describe(what, cfg.learning.family)} of {node_model.node} at round {node_model.round} "
+               f"(level {node_model.level}, {node_model.mode} mode, {params / 1e6:.2f} M params) to {out}: "
+               f"{', '.join(files)}")
+
+
 # -------------------------------------------------------------------------------------------- demo
+# eager negotiation proposes at round 1, activates 3 rounds after acks: level 1 trains from round 5
+DEMO_ADAPTIVE_ROUNDS = 6
+
 @main.command("demo")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(2, 16), help="Daemons to start.")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 1000), help="Rounds to run.")
+@click.option("--rounds", default=None, type=click.IntRange(1, 1000),
+              help="Rounds to run [default: 3; with --adaptive, 6: enough for a growth to be agreed and activate].")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Local steps per round.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where CA, configs, data and node state go (default: a new temp dir, removed afterwards).")
@@ -235,7 +300,7 @@ def drain_cmd(config_path: Path | None, socket: Path | None, as_json: bool) -> N
 @click.option("--adaptive", "eager", is_flag=True,
               help="Adaptive mode with eager negotiation thresholds, so a capacity growth shows within a "
                    "few rounds (a demonstration setting, not a tuned one).")
-def demo_cmd(nodes: int, rounds: int, steps: int, workdir: Path | None, base_port: int, timeout: float,
+def demo_cmd(nodes: int, rounds: int | None, steps: int, workdir: Path | None, base_port: int, timeout: float,
              mode: str, eager: bool) -> None:
     """Start a real mesh of daemons on loopback, train, and print a summary.
 
@@ -245,6 +310,8 @@ def demo_cmd(nodes: int, rounds: int, steps: int, workdir: Path | None, base_por
     """
     from fednode.demo import run_demo
 
+    if rounds is None:
+        rounds = DEMO_ADAPTIVE_ROUNDS if eager else 3
     sys.exit(run_demo(nodes=nodes, rounds=rounds, steps=steps, workdir=workdir, base_port=base_port,
                       timeout=timeout, mode="adaptive" if eager else mode, eager=eager))
 

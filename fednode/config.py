@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fednode.errors import ConfigError
+from fednode.learning.files import DEFAULT_EXCLUDE, DEFAULT_MAX_FILE_KIB, check_languages, check_pattern
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class MeshSection:
     suspect_after_s: float = 6.0
     dead_after_s: float = 20.0
     fanout: int = 2
+    reflection: bool = False  # gRPC server reflection on the peer port (lists the services to any member)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     dir: Path = Path("code")
+    include: tuple[str, ...] = ()  # globs relative to dir; with languages empty: "**/*.py"
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    languages: tuple[str, ...] = ()
+    max_file_kib: int = DEFAULT_MAX_FILE_KIB
     seq_len: int = 128
     max_tokens: int = 400_000
 
@@ -66,6 +72,9 @@ class TrainSection:
     batch_size: int = 8
     lr: float = 3e-3
     threads: int = 0  # torch threads; 0 = torch's default
+    device: str = "auto"  # auto (first CUDA GPU, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with gradient scaling)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     round_timeout_s: float = 60.0  # a round never waits on peers longer than this
     catchup_lag: int = 2  # fetch state from a peer this many rounds ahead
     keep_checkpoints: int = 3
@@ -76,9 +85,17 @@ class LearningSection:
     mode: str = "adaptive"  # adaptive | static | fedavg | local
     ladder: str = ""  # messenger family; defaults to the model preset's ladder
     static_level: int = 0  # the level of `static` mode
-    distill_alpha: float = 0.0  # 0 = FedKD's adaptive weight 1/(CE_P + CE_M)
+    family: str = "distilled"  # distilled (P never leaves) | shared-prefix (P's first layers travel)
+    distill_weight: str = "fixed"  # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
+    distill_alpha: float = 1.0  # weight of the KL terms (0 = no distillation)
+    distill_temperature: float = 1.0
+    teacher: str = "frozen"  # P's teacher: frozen (merged messenger at the last commit) | live | both
+    public_steps: int = 8  # per round: steps of P toward the merged messenger on the public set
     lr_messenger: float = 3e-3
     weighting: str = "data-size"  # uniform | data-size | fairness | qffl
+    aggregation: str = "median"  # median | trimmed-mean | norm-clip | mean (bench/RESULTS.md "Insider poisoning")
+    update_codec: str = "none"  # none | int8 (per-row int8 matrices: ~4x fewer bytes per push)
+    merge_loss_jump: float = 0.25  # refuse a merge that raises own held-out loss by more than this fraction; 0 = off
     qffl_q: float = 1.0
     curriculum: bool = True
     curriculum_buckets: int = 4
@@ -101,6 +118,7 @@ class NegotiationSection:
     min_round_gap: int = 3
     min_live_peers: int = 2
     quorum: float = 2 / 3
+    growth_signal: str = "auto"  # plateau | budget | auto (the family's: FAMILY_GROWTH_SIGNAL)
 
 
 @dataclass(frozen=True)
@@ -163,9 +181,23 @@ _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), 
               ("tls", "key"), ("tls", "crl"), ("model", "tokenizer_cache"), ("data", "dir"),
               ("model", "path"), ("model", "cache")}
 _KNOWN_PRESETS = ("micro", "tiny", "small", "smollm2-135m", "local")
-_BUILT_LADDERS = ("micro", "tiny")  # fednode.learning.messenger.LADDERS (kept here so config imports no torch)
+# fednode.learning.messenger.LADDERS (kept here so config imports no torch)
+_BUILT_LADDERS = ("micro", "tiny", "tiny-wide")
 MODES = ("adaptive", "static", "fedavg", "local")
 WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "norm-clip")
+FAMILIES = ("distilled", "shared-prefix")
+DISTILL_WEIGHTS = ("fixed", "fedkd")  # fednode.learning.distill.WEIGHTS / TEACHERS (no torch import here)
+TEACHERS = ("frozen", "live", "both")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fednode.learning.device.PRECISIONS (no torch import here)
+CODECS = ("none", "int8")  # [learning] update_codec: fednode.learning.compress
+GROWTH_SIGNALS = ("plateau", "budget")  # fednode.mesh.negotiation.Params.growth_signal ([negotiation] adds auto)
+# [negotiation] growth_signal = "auto": "budget" (grow whenever a quorum's ceilings afford the next
+# level, after the cooldown) for both families, as measured on tiny-long seed 0: the distilled arm
+# grown on budget ended at P 2.405 (grew at rounds 5, 11, 17), on the loss plateau at 2.577 (grew
+# at round 25), static-3 at 2.515; a shared prefix is P itself, whose loss improves as long as P
+# trains, so a plateau never came (bench/RESULTS.md "Knowledge transfer").
+FAMILY_GROWTH_SIGNAL = {"distilled": "budget", "shared-prefix": "budget"}
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -241,7 +273,7 @@ def _validate(cfg: Config) -> None:
     if ladder and ladder not in _BUILT_LADDERS:
         raise ConfigError(f"[learning] ladder {ladder!r} is unknown{_suggest(ladder, list(_BUILT_LADDERS))}")
     if (not ladder and cfg.model.preset not in (*_BUILT_LADDERS, "smollm2-135m", "local")
-            and cfg.learning.mode in ("adaptive", "static")):
+            and cfg.learning.mode in ("adaptive", "static") and cfg.learning.family == "distilled"):
         raise ConfigError(f"[model] preset {cfg.model.preset!r} has no messenger ladder of its own: "
                           f'set [learning] ladder = "tiny"')
     t = cfg.train
@@ -252,25 +284,55 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[train] rounds and threads must be >= 0 and catchup_lag >= 1")
     if t.lr <= 0 or t.round_timeout_s <= 0:
         raise ConfigError("[train] lr and round_timeout_s must be > 0")
+    device = t.device.strip().lower()
+    if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f'[train] device {t.device!r} is unknown: use "auto", "cpu", "cuda", "cuda:N" or "mps"')
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"[train] precision {t.precision!r} is unknown{_suggest(t.precision, list(PRECISIONS))}")
+    if not 1 <= t.grad_accum <= 1024:
+        raise ConfigError(f"[train] grad_accum {t.grad_accum} must be in 1..1024 (micro-batches per step)")
     lrn = cfg.learning
     if lrn.mode not in MODES:
         raise ConfigError(f"[learning] mode {lrn.mode!r} is unknown{_suggest(lrn.mode, list(MODES))}")
     if lrn.weighting not in WEIGHTINGS:
         hint = _suggest(lrn.weighting, list(WEIGHTINGS))
         raise ConfigError(f"[learning] weighting {lrn.weighting!r} is unknown{hint}")
+    if lrn.aggregation not in AGGREGATIONS:
+        hint = _suggest(lrn.aggregation, list(AGGREGATIONS))
+        raise ConfigError(f"[learning] aggregation {lrn.aggregation!r} is unknown{hint}")
+    for key, options in (("family", FAMILIES), ("distill_weight", DISTILL_WEIGHTS), ("teacher", TEACHERS),
+                         ("update_codec", CODECS)):
+        value = getattr(lrn, key)
+        if value not in options:
+            raise ConfigError(f"[learning] {key} {value!r} is unknown{_suggest(value, list(options))}")
+    if not 0 <= lrn.merge_loss_jump <= 100:
+        raise ConfigError(f"[learning] merge_loss_jump {lrn.merge_loss_jump} must be in [0, 100] (a fraction of the "
+                          f"held-out loss; 0 = never refuse a merge for its loss)")
     if lrn.static_level < 0 or lrn.curriculum_buckets < 1 or lrn.distill_alpha < 0 or lrn.lr_messenger <= 0:
         raise ConfigError("[learning] static_level and distill_alpha must be >= 0, curriculum_buckets >= 1, "
                           "lr_messenger > 0")
+    if not 0 < lrn.distill_temperature <= 100 or lrn.public_steps < 0:
+        raise ConfigError("[learning] distill_temperature must be in (0, 100] and public_steps >= 0")
     neg = cfg.negotiation
     if neg.plateau_window < 1 or neg.min_round_gap < 0 or neg.min_live_peers < 1:
         raise ConfigError("[negotiation] plateau_window and min_live_peers must be >= 1, min_round_gap >= 0")
     if neg.activation_delay < 3:
         raise ConfigError(f"[negotiation] activation_delay {neg.activation_delay} is too short: a proposal needs a "
                           f"round to spread and one for the acks to return; use 3 or more")
+    if neg.growth_signal not in ("auto", *GROWTH_SIGNALS):
+        hint = _suggest(neg.growth_signal, ["auto", *GROWTH_SIGNALS])
+        raise ConfigError(f"[negotiation] growth_signal {neg.growth_signal!r} is unknown{hint}: use auto, "
+                          f"{' or '.join(GROWTH_SIGNALS)}")
     if not 0.5 < neg.quorum <= 1:
         raise ConfigError(f"[negotiation] quorum {neg.quorum} must be in (0.5, 1]: 2/3 is the default")
     if cfg.data.seq_len < 8 or cfg.data.max_tokens < cfg.data.seq_len:
         raise ConfigError("[data] seq_len must be >= 8 and max_tokens >= seq_len")
+    for key in ("include", "exclude"):
+        for pattern in getattr(cfg.data, key):
+            check_pattern(f"[data] {key}", pattern)
+    check_languages(cfg.data.languages)
+    if cfg.data.max_file_kib < 1:
+        raise ConfigError(f"[data] max_file_kib {cfg.data.max_file_kib} must be >= 1 (KiB): try 1024")
     if not 1 <= cfg.limits.chunk_kib <= 16 * 1024:
         raise ConfigError("[limits] chunk_kib must be within 1..16384: 1024 (1 MiB) is the fast default")
     if cfg.limits.max_payload_mib < 1:
@@ -334,7 +396,7 @@ name = "{name}"                      # must equal the CN of this node's certific
 data_dir = "{data_dir}"              # journal, checkpoints, payload key, operator socket
 listen = "{listen}"                  # peer service (mutual TLS)
 # advertise = "{listen}"             # address other peers dial, if not `listen`
-# operator_socket = "data/operator.sock"
+# operator_socket = "{data_dir}/operator.sock"
 
 [mesh]
 seeds = [{seeds}]                    # any live members; the mesh has no central server
@@ -342,6 +404,7 @@ gossip_interval_s = 1.0
 suspect_after_s = 6.0                # no heartbeat growth for this long: suspect
 dead_after_s = 20.0                  # ... and for this long: dead (skipped by rounds)
 fanout = 2                           # peers a round's update is pushed to
+reflection = false                   # gRPC server reflection on the peer port (debugging with grpcurl)
 
 [tls]                                # made by `fednode ca init` / `fednode ca issue`
 ca = "{ca}"
@@ -356,6 +419,10 @@ seed = 0                             # the same on every site: the mesh starts f
 
 [data]
 dir = "{data}"                        # this site's private code; it never leaves the node
+# include = ["src/**/*.py", "*.rs"]  # globs relative to dir ("*.x" = at any depth); default: **/*.py
+# languages = ["python", "rust"]     # adds each language's file globs to include (python, rust, go, ...)
+# exclude = ["**/*_pb2.py"]          # replaces the default (hidden, cache, vendored and test dirs)
+max_file_kib = 1024                  # larger files are skipped (generated, minified or data)
 seq_len = 128
 max_tokens = 400000
 
@@ -365,6 +432,9 @@ steps_per_round = 20
 batch_size = 8
 lr = 0.003
 threads = 0                          # torch threads; 0 = default
+device = "auto"                      # auto = first CUDA GPU, else CPU; or cpu, cuda, cuda:N, mps
+precision = "fp32"                   # bf16 on a GPU trains several times faster; fp16 scales gradients
+grad_accum = 1                       # micro-batches per optimizer step (effective batch = x batch_size)
 round_timeout_s = 60.0               # stragglers never hold a round longer than this
 catchup_lag = 2                      # rounds behind a peer before fetching its state
 keep_checkpoints = 3
@@ -373,8 +443,16 @@ keep_checkpoints = 3
 mode = "adaptive"                    # adaptive | static | fedavg | local
 # ladder = "tiny"                    # messenger family (default: the model preset's)
 static_level = 0                     # the messenger level in static mode
-distill_alpha = 0.0                  # 0 = FedKD adaptive weight 1/(CE_P + CE_M)
+family = "distilled"                 # distilled (P never leaves) | shared-prefix (P's first layers travel)
+distill_weight = "fixed"             # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
+distill_alpha = 1.0                  # KL weight; distill_weight = "fedkd" rescales it by FedKD's factor
+distill_temperature = 1.0            # softmax temperature of the KL terms (scaled by T^2)
+teacher = "frozen"                   # P learns from the merged messenger frozen at the last commit
+public_steps = 8                     # per round, P distils from it on the shipped public code
 weighting = "data-size"              # uniform | data-size | fairness | qffl
+aggregation = "median"               # median | trimmed-mean | norm-clip | mean (one bad member cannot steer a median)
+update_codec = "none"                # none | int8: matrices as per-row int8 codes, ~4x fewer bytes per push
+merge_loss_jump = 0.25               # a merge raising own held-out loss by > 25 % is refused (own state kept)
 curriculum = true
 
 [budget]                             # this site's resources: they set its messenger ceiling
@@ -387,6 +465,7 @@ plateau_window = 3
 plateau_theta = 0.02
 js_threshold = 0.0005
 min_live_peers = 2
+growth_signal = "auto"               # budget | plateau; auto = budget (grow whenever a quorum affords it)
 
 [limits]
 max_payload_mib = 8192
@@ -402,10 +481,12 @@ format = "auto"                      # auto: text on a terminal, JSON lines othe
 
 
 def example_config(name: str = "site-a", listen: str = "127.0.0.1:7700", seeds: list[str] | None = None,
-                   data_dir: str = "data", ca: str = "pki/ca.crt", cert: str | None = None,
+                   data_dir: str | None = None, ca: str = "pki/ca.crt", cert: str | None = None,
                    key: str | None = None, data: str = "code") -> str:
+    """A commented config; its data_dir is per site (data/NAME), so two sites set up side by side
+    (a test bed, one host) never share a journal, keys or checkpoints."""
     seed_list = ", ".join(f'"{s}"' for s in (seeds or []))
-    return EXAMPLE.format(name=name, listen=listen, seeds=seed_list, data_dir=data_dir, ca=ca,
+    return EXAMPLE.format(name=name, listen=listen, seeds=seed_list, data_dir=data_dir or f"data/{name}", ca=ca,
                           cert=cert or f"pki/{name}.crt", key=key or f"pki/{name}.key", data=data)
 
 

@@ -33,6 +33,23 @@ def _journal_summary(data_dir: Path) -> dict:
     }
 
 
+def _print_gains(console: Console, mesh: LocalMesh, rounds: int, mode: str) -> None:
+    """Federated P vs the same P trained alone: does this site gain from the mesh?"""
+    from fednode.demo_compare import compare
+
+    with console.status("training each node's model alone for comparison (same data, seed and steps)"):
+        gains = compare([n.config_path for n in mesh.nodes], rounds)
+    table = Table(title=f"private model: trained alone vs federated ({mode}), held-out loss in nats/token "
+                        "(lower is better)")
+    for col in ("node", "own code: alone", "own code: federated", "other sites' code: alone",
+                "other sites' code: federated"):
+        table.add_column(col, justify="right" if col != "node" else "left")
+    for g in gains:
+        table.add_row(g.name, f"{g.own_local:.3f}", f"{g.own_federated:.3f}", f"{g.others_local:.3f}",
+                      f"{g.others_federated:.3f}")
+    Console().print(table)
+
+
 def _fmt_mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
@@ -99,6 +116,8 @@ def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_
                           str(j["merged"]), _fmt_mib(float(s.get("bytes_sent", 0))),
                           _fmt_mib(float(s.get("bytes_received", 0))), str(codes[node.name]))
         Console().print(table)
+        if mode != "local" and not any(codes.values()):  # in local mode the two are the same model
+            _print_gains(console, mesh, rounds, mode)
         if any(codes.values()):
             console.print("[red]some daemons did not exit cleanly; see their logs[/red]")
             return ExitCode.FAILURE

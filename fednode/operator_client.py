@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 
 from fednode.errors import ExitCode, FednodeError
@@ -31,8 +32,36 @@ def _call(socket: Path, method: str, request, timeout: float):
                              f"check `journalctl -u fednode@SITE` or its log") from None
 
 
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
 def _as_dict(message) -> dict:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """The reply as JSON-ready data, 64-bit integers as numbers (protobuf's JSON mapping makes them
+    strings, which `status --json | jq '.round + 1'` cannot add to)."""
+    out = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _numbers(message.DESCRIPTOR, out)
+    return out
+
+
+def _numbers(descriptor, data: dict) -> None:
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.type in _INT64:
+                data[field.name] = {k: int(v) for k, v in value.items()}
+            elif value_field.message_type is not None:
+                for v in value.values():
+                    _numbers(value_field.message_type, v)
+        elif field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None:
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, dict):
+                    _numbers(field.message_type, v)
 
 
 def fetch_status(socket: Path, timeout: float = 5.0) -> dict:

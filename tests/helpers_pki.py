@@ -22,3 +22,9 @@ def make_identity(ca_dir: Path, name: str, addresses: list[str] | None = None) -
 def make_mesh(directory: Path, names: tuple[str, ...] = ("n1", "n2")) -> dict[str, pki.NodeIdentity]:
     make_ca(directory)
     return {name: make_identity(directory, name) for name in names}
+
+
+# HelloBody fields for tests of other parts than liveness: every heartbeat up to the base is
+# covered by the signed Hello itself, so records need no hash-chain proof (test_membership
+# covers the chain).
+UNCHAINED = {"heartbeat_anchor": bytes(32), "heartbeat_base": 2**20}

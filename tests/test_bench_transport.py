@@ -105,8 +105,11 @@ def test_tiny_transport_benchmark_reports_one_json_line(tmp_path):
 
 
 def test_interrupt_stops_receivers_and_removes_temp_dir(tmp_path):
+    # SIGINT back to its default in the child: a test run started in the background (nohup, CI
+    # shells) inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--size-mib", "32", "--repeats", "1000"], cwd=ROOT,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr = ""
     try:
         deadline = time.monotonic() + 45

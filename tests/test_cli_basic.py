@@ -36,7 +36,7 @@ def test_help_lists_the_commands():
         result = invoke(flag)
         assert result.exit_code == 0
         commands = result.output.split("Commands:")[1]
-        for name in ("ca", "demo", "drain", "init", "peers", "run", "status"):
+        for name in ("ca", "check", "demo", "drain", "init", "peers", "run", "status"):
             assert f"\n  {name} " in commands, name
     ca_help = invoke("ca", "--help")
     assert ca_help.exit_code == 0 and "init" in ca_help.output and "issue" in ca_help.output
@@ -147,9 +147,73 @@ def test_status_finds_the_socket_through_the_config(tmp_path):
     path = tmp_path / "n.toml"
     assert invoke("init", "--path", str(path)).exit_code == 0
     line = one_line_error(invoke("status", "--config", str(path)), ExitCode.NOT_RUNNING)
-    assert str(tmp_path / "data" / "operator.sock") in line
+    assert str(tmp_path / "data" / "site-a" / "operator.sock") in line  # a data_dir per site
 
 
 def test_status_needs_a_config_or_a_socket():
     line = one_line_error(invoke("status"), ExitCode.USAGE)
     assert "--config" in line and "--socket" in line
+
+
+def test_a_metrics_port_in_use_is_a_one_line_network_error(tmp_path):
+    """Not a traceback with exit 1 (systemd would restart it five times): NETWORK, naming the key."""
+    import asyncio
+    import socket
+
+    import pytest
+
+    from fednode.errors import NetworkError
+    from fednode.node.daemon import Daemon
+    from fednode.transport.memory import MemoryNetwork, MemoryTransport
+    from tools.harness.sim import sim_configs
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cfg = sim_configs(tmp_path, 1, overrides={"metrics": {"listen": f"127.0.0.1:{port}"},
+                                                  "learning": {"mode": "local"}}, code_bytes=5_000)[0]
+        network = MemoryNetwork()
+        daemon = Daemon(cfg, lambda ident: MemoryTransport(network, ident.node_id))
+
+        async def start_then_close() -> None:
+            try:
+                await daemon.start()
+            finally:
+                await daemon.close()  # what serve() does: the servers already started are stopped
+
+        with pytest.raises(NetworkError) as err:
+            asyncio.run(start_then_close())
+    line = str(err.value)
+    assert "\n" not in line and f"127.0.0.1:{port}" in line and "[metrics] listen" in line
+    assert err.value.exit_code == ExitCode.NETWORK
+
+
+def test_status_json_gives_64_bit_integers_as_numbers():
+    """protobuf's JSON mapping writes int64 as strings; `status --json` must not."""
+    from fednode.operator_client import _as_dict
+    from fednode.v1 import operator_pb2 as opb
+
+    reply = _as_dict(opb.StatusReply(round=2**40, epoch=3, bytes_sent=12, last_loss=1.5, node_id="a"))
+    assert reply["round"] == 2**40 and reply["epoch"] == 3 and reply["bytes_sent"] == 12
+    assert all(type(reply[k]) is int for k in ("round", "epoch", "bytes_sent", "bytes_received", "level"))
+    assert reply["last_loss"] == 1.5 and reply["node_id"] == "a"
+
+
+def test_exit_when_done_drains_and_returns_0_after_the_last_round(tmp_path):
+    """A batch job: [train] rounds = 2 with exit_when_done ends the daemon with 0 by itself
+    (without it the daemon serves peers until drained)."""
+    import asyncio
+
+    from fednode.node.daemon import Daemon
+    from fednode.store.journal import Journal
+    from fednode.transport.memory import MemoryNetwork, MemoryTransport
+    from tools.harness.sim import sim_configs
+
+    cfg = sim_configs(tmp_path, 1, overrides={"learning": {"mode": "local"}, "train": {"rounds": 2}},
+                      code_bytes=5_000)[0]
+    network = MemoryNetwork()
+    daemon = Daemon(cfg, lambda ident: MemoryTransport(network, ident.node_id), exit_when_done=True)
+    assert asyncio.run(asyncio.wait_for(daemon.serve(), 300)) == 0
+    with Journal.open(cfg.node.data_dir / "journal.db") as journal:
+        assert [r.round for r in journal.rounds()] == [1, 2]

@@ -242,6 +242,7 @@ def test_missing_node_name_and_missing_node_section(tmp_path):
     (minimal(limits={"chunk_kib": 16 * 1024 + 1}), "chunk_kib must be within"),
     (minimal(log={"level": "verbose"}), "[log] level 'verbose' is unknown"),
     (minimal(log={"format": "xml"}), "[log] format 'xml' is unknown"),
+    (minimal(learning={"update_codec": "int4"}), "[learning] update_codec 'int4' is unknown (did you mean 'int8'?)"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, raw, expect):
     assert expect in config_error(raw, tmp_path)

@@ -57,7 +57,8 @@ def test_analysis_gives_the_headline_ratios_from_the_runs():
     runs += [_run("fedavg", s, [3.0, 2.6, 2.1, 1.93], 1000) for s in (0, 1)]
     runs += [_run("local", 0, [3.0, 2.9, 2.8], 0)]
     summary = analyze.analyze(runs, tolerance=0.02)
-    assert summary["target_nll_bpb"] == pytest.approx(1.9 * 1.02)
+    assert summary["target_nll_bpb"] == pytest.approx(1.93 * 1.02)  # fedavg's best + 2 %
+    assert summary["target_set_by"] == "fedavg"
     a, f = summary["arms"]["adaptive"], summary["arms"]["fedavg"]
     assert a["rounds_to_target"]["mean"] == 3 and f["rounds_to_target"]["mean"] == 4
     assert summary["rounds_ratio"] == pytest.approx(3 / 4)
@@ -68,6 +69,63 @@ def test_analysis_gives_the_headline_ratios_from_the_runs():
     assert weaker["arms"]["fedavg"]["rounds"]["n"] == 0 and weaker["rounds_ratio"] is None
     text = analyze.markdown(summary, {"preset": "t", "command": "x", "machine": {}, "seeds": [0, 1]})
     assert "not reached (0/1)" in text and "| adaptive |" in text
+
+
+def test_compressed_arms_and_refusals_are_reported():
+    runs = [_run("adaptive", 0, [3.0, 2.0, 1.9], 100), _run("fedavg", 0, [3.0, 2.6, 1.93], 1000),
+            _run("adaptive-int8", 0, [3.0, 2.0, 1.9], 25), _run("fedavg-int8", 0, [3.0, 2.6, 1.93], 250),
+            _run("local", 0, [3.0, 2.9, 2.8], 0)]
+    runs[2]["refusals"] = {"n0": {"LOSS_JUMP": 2}, "n1": {"LOSS_JUMP": 1, "NOT_FINITE": 1}}
+    summary = analyze.analyze(runs, tolerance=0.02)
+    int8 = summary["int8"]["adaptive-int8"]
+    assert int8["bytes_ratio"] == pytest.approx(75 / 3000) and int8["bytes_ratio_vs_fedavg_int8"] == pytest.approx(0.1)
+    assert summary["arms"]["adaptive-int8"]["refusals"] == {"LOSS_JUMP": 3, "NOT_FINITE": 1}
+    assert summary["arms"]["adaptive"]["refusals"] == {}
+    text = analyze.markdown(summary, {"preset": "t", "command": "x", "machine": {}, "seeds": [0]})
+    assert "adaptive-int8: LOSS_JUMP 3, NOT_FINITE 1" in text and "adaptive-int8 (int8 pushes)" in text
+
+
+def test_family_figures_give_gain_recovered_and_capacity_gain_per_family():
+    runs = [_run("local", s, [3.0, 2.8], 0) for s in (0, 1)]
+    runs += [_run("fedavg", s, [3.0, 2.4], 1000) for s in (0, 1)]
+    runs += [_run("adaptive", s, [3.0, 2.5], 100) for s in (0, 1)]
+    runs += [_run("static-0", 0, [3.0, 2.7], 50), _run("static-0", 1, [3.0, 2.66], 50)]
+    runs += [_run("static-3", 0, [3.0, 2.6], 200), _run("static-3", 1, [3.0, 2.62], 200)]
+    runs += [_run("prefix-adaptive", s, [3.0, 2.42], 600) for s in (0, 1)]
+    summary = analyze.analyze(runs, tolerance=0.02)
+    assert summary["gain_recovered"] == pytest.approx((2.8 - 2.5) / (2.8 - 2.4))
+    assert summary["capacity_gain"] == pytest.approx(((2.7 - 2.6) + (2.66 - 2.62)) / 2)
+    assert summary["capacity_gain_interval"]["smallest"] == 0 and summary["capacity_gain_interval"]["largest"] == 3
+    prefix = summary["shared_prefix"]
+    assert prefix["gain_recovered"] == pytest.approx((2.8 - 2.42) / (2.8 - 2.4))
+    assert prefix["capacity_gain"] is None  # no prefix-static arms ran
+    text = analyze.markdown(summary, {"preset": "t", "command": "x", "machine": {}, "seeds": [0, 1]})
+    assert "gain_recovered = 0.750" in text and "shared-prefix: gain_recovered = 0.950" in text
+
+
+def test_long_preset_arms_cover_both_families_and_the_ablations():
+    preset = resolve("tiny-long")
+    arms = preset.arms()
+    assert arms == ["adaptive", "static-0", "static-3", "fedavg", "local", "prefix-adaptive", "prefix-static-0",
+                    "prefix-static-4", "adaptive-nopublic", "adaptive-live", "adaptive-fedkd", "adaptive-plateau",
+                    "adaptive-int8", "adaptive-fastgrow", "fedavg-int8", "prefix-adaptive-int8"]
+    assert all(Arm.parse(a).label == a for a in arms)
+    assert preset.rounds >= 30 and preset.rounds * preset.steps_per_round * preset.batch_size * preset.seq_len >= 5e5
+    assert preset.rounds_scored() == [5, 10, 15, 20, 25, 30]
+    over = preset.overrides("adaptive", None, 0, "distilled", "nopublic")
+    assert over["learning"]["public_steps"] == 0 and over["learning"]["ladder"] == "tiny-wide"
+    assert "plateau_theta" not in over["negotiation"]  # adaptive follows the default thresholds
+    assert over["learning"]["aggregation"] == "mean"  # the textbook FedAvg baseline, in every arm
+    plateau = preset.overrides("adaptive", None, 0, "distilled", "plateau")
+    assert plateau["negotiation"]["growth_signal"] == "plateau" and "public_steps" not in plateau["learning"]
+    assert "ladder" not in preset.overrides("static", 2, 0, "shared-prefix")["learning"]
+    with pytest.raises(ValueError, match="unknown mode"):
+        Arm.parse("prefix-fedavg")
+    with pytest.raises(ValueError, match="unknown mode"):
+        Arm.parse("prefix-adaptive-live")  # the transfer ablations are the distilled family's
+    assert Arm.parse("fedavg-int8") == Arm("fedavg", ablation="int8")
+    assert preset.overrides("fedavg", None, 0, ablation="int8")["learning"]["update_codec"] == "int8"
+    assert preset.overrides("fedavg", None, 0)["learning"]["update_codec"] == "none"  # fp32: the baseline
 
 
 def test_arms_and_presets_parse_or_explain():
@@ -124,3 +182,59 @@ def test_a_real_two_mode_run_writes_reports_and_a_json_last_line(tmp_path):
     assert again.exit_code == 0, again.output
     relaxed = json.loads(again.output.strip().splitlines()[-1])["target_nll_bpb"]
     assert relaxed == pytest.approx(last["target_nll_bpb"] / 1.02 * 1.1)
+
+
+def test_analysis_reads_back_unscored_rounds_from_strict_json(tmp_path):
+    """Rounds between scorings hold NaN, which the report's strict JSON writes as null."""
+    import json
+
+    from tools.report import to_json
+
+    nan = float("nan")
+    runs = [_run("fedavg", 0, [nan, 2.5, nan, 2.2], 100), _run("local", 0, [nan, 2.9, nan, 2.8], 0),
+            _run("adaptive", 0, [nan, 2.7, nan, 2.3], 10)]
+    back = json.loads(to_json({"runs": runs}))["runs"]
+    assert back[0]["rounds"][0]["nll_bpb"] is None
+    summary = analyze.analyze(back, tolerance=0.02)
+    assert summary["arms"]["fedavg"]["rounds_to_target"]["mean"] == 4
+    assert summary["gain_recovered"] == pytest.approx((2.8 - 2.3) / (2.8 - 2.2))
+    assert len(analyze.plots(back, summary, tmp_path)) == 4
+
+
+def test_resume_runs_only_the_missing_arm_seed_pairs(tmp_path, monkeypatch):
+    import tools.convergence.run as run_mod
+    import tools.humaneval.data as data_mod
+    from tools.convergence.cli import convergence
+    from tools.convergence.run import RoundPoint, RunResult
+
+    calls = []
+
+    def fake_run(preset, arm, seed, workdir, problems, progress):
+        calls.append((arm.label, seed))
+        nll = {"fedavg": 2.0, "local": 2.6}.get(arm.label, 2.3)
+        return RunResult(arm.label, seed, [RoundPoint(1, nll, nll, 10.0, 1.0, 0.0)], 1.0)
+
+    monkeypatch.setattr(run_mod, "run_arm", fake_run)
+    monkeypatch.setattr(data_mod, "load_problems", lambda n: [])
+    out = tmp_path / "out"
+    args = ["--preset", "tiny-long", "--modes", "adaptive,fedavg,local", "--rounds", "1", "--out", str(out)]
+    first = CliRunner().invoke(convergence, [*args, "--seeds", "0"])
+    assert first.exit_code == 0, first.output
+    assert calls == [("adaptive", 0), ("fedavg", 0), ("local", 0)]
+    calls.clear()
+    second = CliRunner().invoke(convergence, [*args, "--seeds", "0,1", "--resume"])
+    assert second.exit_code == 0, second.output
+    assert calls == [("adaptive", 1), ("fedavg", 1), ("local", 1)]  # seed 0 kept from the first sitting
+    assert '"gain_recovered": 0.5' in second.output.splitlines()[-1]
+    calls.clear()
+    third = CliRunner().invoke(convergence, [*args[:2], "--modes", "static-0", "--rounds", "1", "--out", str(out),
+                                             "--seeds", "0", "--resume"])
+    assert third.exit_code == 0, third.output
+    assert calls == [("static-0", 0)]  # a partial rerun of another arm keeps every earlier run in the report
+    import json
+    data = json.loads((out / "convergence.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in data["runs"]) == sorted(
+        [(a, s) for a in ("adaptive", "fedavg", "local") for s in (0, 1)] + [("static-0", 0)])
+    assert data["metadata"]["seeds"] == [0, 1] and "static-0" in data["metadata"]["arms"]
+    wrong = CliRunner().invoke(convergence, ["--preset", "tiny-cpu", "--out", str(out), "--resume"])
+    assert wrong.exit_code != 0 and "holds a 'tiny-long' run" in wrong.output

@@ -304,7 +304,7 @@ def test_a_corrupt_payload_key_says_to_delete_it(tmp_path):
 def _body(node_id="alice", **kw):
     fields = dict(node_id=node_id, protocol_version=1, tokenizer_hash="tok", family_hash="fam",
                   payload_public_key=PayloadKey.generate().public_bytes(), address="127.0.0.1:7000",
-                  incarnation=2, issued_unix_ms=123)
+                  incarnation=2, issued_unix_ms=123, heartbeat_anchor=bytes(32), heartbeat_base=1)
     fields.update(kw)
     return peer_pb2.HelloBody(**fields)
 
@@ -346,6 +346,13 @@ def test_hello_from_another_mesh_or_with_bad_fields_is_refused(mesh):
     assert _reason(err) == "BAD_CERTIFICATE"
     with pytest.raises(ProtocolError) as err:
         verify_hello(mesh["trust"], sign_hello(mesh["alice"], _body(payload_public_key=b"x" * 31)))
+    assert _reason(err) == "MALFORMED"
+    for anchor in (b"", b"x" * 31):  # a protocol-1 hello has no heartbeat chain
+        with pytest.raises(ProtocolError, match="heartbeat anchor") as err:
+            verify_hello(mesh["trust"], sign_hello(mesh["alice"], _body(heartbeat_anchor=anchor)))
+        assert _reason(err) == "MALFORMED"
+    with pytest.raises(ProtocolError, match="heartbeat_base") as err:
+        verify_hello(mesh["trust"], sign_hello(mesh["alice"], _body(heartbeat_base=2**63)))
     assert _reason(err) == "MALFORMED"
     garbage = b"\xff\xff"
     with pytest.raises(ProtocolError) as err:

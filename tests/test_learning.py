@@ -280,7 +280,7 @@ def test_token_dataset(tok, small_data_dir):
 
 
 def test_token_dataset_empty_dir_is_config_error(tok, tmp_path):
-    with pytest.raises(ConfigError, match="no code files.*data.dir"):
+    with pytest.raises(ConfigError, match=r"\[data\] dir .* has no code files matching include"):
         TokenDataset.from_dir(tmp_path, tok, seq_len=64)
 
 
@@ -376,3 +376,25 @@ def test_validate_update():
         with pytest.raises(ProtocolError) as exc_info:
             validate_update(tensors, ref, **kwargs)
         assert _reason(exc_info) == reason, tensors
+
+
+def test_models_built_at_once_in_threads_equal_one_built_alone(tok):
+    """Nodes of one process (simulation harness, demo) build their models together: the same seed
+    must give the same weights, or FedAvg averages unrelated models (it did, until a lock)."""
+    import threading
+
+    from fednode.learning.models import build_model, state_tensors
+
+    built: dict[int, dict] = {}
+
+    def build(i: int) -> None:
+        built[i] = state_tensors(build_model("micro", tok, seed=0))
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = state_tensors(build_model("micro", tok, seed=0))
+    for i in range(4):
+        assert all(torch.equal(built[i][k], alone[k]) for k in alone), i

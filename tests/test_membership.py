@@ -11,8 +11,10 @@ from helpers_pki import make_ca, make_identity
 
 from fednode.errors import Reason
 from fednode.mesh.membership import Liveness, Membership, liveness
+from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello
 from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.signed import sign_farewell
 from fednode.v1 import peer_pb2 as pb
 
 SUSPECT, DEAD = 6.0, 20.0
@@ -44,12 +46,16 @@ def foreign(tmp_path_factory) -> NodeIdentity:
     return make_identity(ca_dir, "n9")
 
 
+CHAIN = 512  # heartbeats per test chain (the daemon's are CHAIN_LENGTH long)
+
+
 def body_for(identity: NodeIdentity, *, incarnation: int = 1, tokenizer: str = "tok-1",
-             node_id: str | None = None) -> pb.HelloBody:
+             node_id: str | None = None, chain: HeartbeatChain | None = None) -> pb.HelloBody:
     return pb.HelloBody(node_id=node_id or identity.node_id, protocol_version=1, tokenizer_hash=tokenizer,
                         family_hash="fam-1", payload_public_key=os.urandom(32),
                         address=f"127.0.0.1:{7700 + int(identity.node_id[1:])}", incarnation=incarnation,
-                        issued_unix_ms=1)
+                        issued_unix_ms=1, heartbeat_anchor=(chain or HeartbeatChain(length=1)).anchor,
+                        heartbeat_base=1)
 
 
 @dataclass
@@ -58,18 +64,25 @@ class Node:
     body: pb.HelloBody
     hello: pb.SignedHello
     view: Membership
+    chain: HeartbeatChain
 
 
 def make_node(identity: NodeIdentity, clock: Clock, **body_kw) -> Node:
-    body = body_for(identity, **body_kw)
+    chain = HeartbeatChain(length=CHAIN)
+    body = body_for(identity, chain=chain, **body_kw)
     hello = sign_hello(identity, body)
     view = Membership(hello, body, TrustStore(identity.ca_pem), suspect_after=SUSPECT, dead_after=DEAD,
-                      clock=clock)
-    return Node(identity, body, hello, view)
+                      clock=clock, chain=chain)
+    return Node(identity, body, hello, view, chain)
 
 
 def record(node: Node, heartbeat: int, *, left: bool = False, last_round: int = 0) -> pb.PeerRecord:
-    return pb.PeerRecord(hello=node.hello, heartbeat=heartbeat, left=left, last_round=last_round)
+    """`node`'s own record at `heartbeat`, proven by its chain (and its signed farewell if it left)."""
+    rec = pb.PeerRecord(hello=node.hello, heartbeat=heartbeat, left=left, last_round=last_round,
+                        heartbeat_proof=node.chain.proof(heartbeat - 1) if 1 < heartbeat <= CHAIN + 1 else b"")
+    if left:
+        rec.farewell.CopyFrom(sign_farewell(node.identity, node.body.incarnation))
+    return rec
 
 
 def digest(sender: str, *records: pb.PeerRecord) -> pb.Digest:
@@ -274,7 +287,7 @@ def test_left_shows_left_and_is_not_live(mesh):
     a, b = make_node(mesh["n1"], clock), make_node(mesh["n2"], clock)
     a.view.merge(b.view.digest())
     assert a.view.state_of("n2") is Liveness.ALIVE
-    b.view.leave()
+    b.view.leave(sign_farewell(b.identity, b.body.incarnation))
     a.view.merge(b.view.digest())
     assert a.view.state_of("n2") is Liveness.LEFT
     assert a.view.live() == [] and a.view.alive() == []
@@ -293,6 +306,114 @@ def test_tick_advances_our_heartbeat_and_last_round(mesh):
     assert a.view.self_member.version == (1, 3) and a.view.self_member.last_round == 4
     [own] = [r for r in a.view.digest().records if pb.HelloBody.FromString(r.hello.body).node_id == "n1"]
     assert own.heartbeat == 3 and own.last_round == 4
+
+
+# ------------------------------------------------------------------------- liveness from the owner
+
+
+def test_a_relayer_passes_on_proven_heartbeats_but_cannot_invent_one(mesh):
+    clock = Clock()
+    a, b, c = (make_node(mesh[n], clock) for n in ("n1", "n2", "n3"))
+    for _ in range(5):
+        b.view.tick()
+    c.view.merge(b.view.digest())
+    a.view.merge(c.view.digest())  # b's genuine record, relayed by c: believed
+    assert a.view.members["n2"].version == (1, 6)
+    # c (a member gone bad) keeps b "alive" after b stopped: a higher heartbeat without b's chain value
+    for forged_proof in (b"", os.urandom(32), a.view.members["n2"].proof):
+        forged = pb.PeerRecord(hello=b.hello, heartbeat=7, heartbeat_proof=forged_proof)
+        outcome = a.view.merge(digest("n3", forged))
+        assert [(p, e.reason) for p, e in outcome.refused] == [("n2", Reason.BAD_SIGNATURE)]
+    clock.advance(DEAD)
+    assert a.view.members["n2"].version == (1, 6) and a.view.state_of("n2") is Liveness.DEAD
+    b.view.tick()  # b is back: its own next heartbeat is proven again
+    a.view.merge(b.view.digest())
+    assert a.view.members["n2"].version == (1, 7) and a.view.state_of("n2") is Liveness.ALIVE
+
+
+def test_a_jump_is_checked_from_the_last_verified_value_or_the_anchor(mesh):
+    clock = Clock()
+    a, b = make_node(mesh["n1"], clock), make_node(mesh["n2"], clock)
+    a.view.merge(digest("n2", record(b, 40)))  # first sight: 39 hashes back to the anchor
+    a.view.merge(digest("n2", record(b, 300)))  # a partition later: 260 hashes to the last value
+    assert a.view.members["n2"].version == (1, 300)
+    huge = pb.PeerRecord(hello=b.hello, heartbeat=2**40, heartbeat_proof=os.urandom(32))
+    assert a.view.merge(digest("n3", huge)).refused[0][1].reason == Reason.BAD_SIGNATURE  # beyond any chain
+
+
+def test_a_leave_counts_only_with_the_owners_farewell_for_this_incarnation(mesh):
+    clock = Clock()
+    a, b, c = (make_node(mesh[n], clock) for n in ("n1", "n2", "n3"))
+    a.view.merge(digest("n2", record(b, 3)))
+    no_farewell = record(b, 4)
+    no_farewell.left = True
+    wrong_signer = record(b, 4, left=True)
+    wrong_signer.farewell.CopyFrom(sign_farewell(c.identity, 1))  # c says goodbye for b
+    old = record(b, 4, left=True)
+    old.farewell.CopyFrom(sign_farewell(b.identity, 0))  # b's farewell of an earlier incarnation
+    for forged in (no_farewell, wrong_signer, old):
+        outcome = a.view.merge(digest("n3", forged))
+        assert [(p, e.reason) for p, e in outcome.refused] == [("n2", Reason.BAD_SIGNATURE)]
+        assert a.view.state_of("n2") is Liveness.ALIVE
+    a.view.merge(digest("n3", record(b, 4, left=True)))  # b's own goodbye, relayed: believed
+    assert a.view.state_of("n2") is Liveness.LEFT
+
+
+def test_an_exhausted_chain_renews_the_signed_hello_and_peers_follow(mesh):
+    clock = Clock()
+    a = make_node(mesh["n1"], clock)
+    identity = mesh["n2"]
+    chain = HeartbeatChain(length=4)
+    body = body_for(identity, chain=chain)
+
+    def renew(new_chain: HeartbeatChain, base: int) -> pb.SignedHello:
+        body.heartbeat_anchor, body.heartbeat_base = new_chain.anchor, base
+        return sign_hello(identity, body)
+
+    b = Membership(sign_hello(identity, body), body, TrustStore(identity.ca_pem), suspect_after=SUSPECT,
+                   dead_after=DEAD, clock=clock, chain=chain, renew=renew)
+    anchors = set()
+    for _ in range(12):
+        b.tick()
+        anchors.add(bytes(b.self_member.body.heartbeat_anchor))
+        outcome = a.view.merge(b.digest())
+        assert outcome.refused == [], outcome.refused
+        assert a.view.members["n2"].version == b.self_member.version
+    assert len(anchors) >= 3  # renewed twice, each time re-signed and verified
+
+
+def test_two_daemons_with_one_identity_are_refused_and_the_owner_is_told(mesh, caplog):
+    """A copied config: a second daemon runs n2's certificate at another address in the same
+    incarnation. Peers keep the first and refuse the second (DUPLICATE_IDENTITY) instead of
+    switching keys every gossip; the real n2 logs who impersonates it. A restart (new incarnation)
+    is still believed."""
+    clock = Clock()
+    a, b = make_node(mesh["n1"], clock), make_node(mesh["n2"], clock)
+    copy = make_node(mesh["n2"], clock)  # same certificate, its own payload key, same incarnation
+    copy.body.address = "127.0.0.1:9999"
+    copy.hello = sign_hello(mesh["n2"], copy.body)
+    a.view.merge(digest("n2", record(b, 3)))
+    outcome = a.view.merge(digest("n3", record(copy, 5)))
+    assert [(p, e.reason) for p, e in outcome.refused] == [("n2", Reason.DUPLICATE_IDENTITY)]
+    assert a.view.members["n2"].body.payload_public_key == b.body.payload_public_key
+    with caplog.at_level("ERROR"):
+        b.view.merge(digest("n3", record(copy, 5)))
+        b.view.merge(digest("n3", record(copy, 6)))
+    errors = [r for r in caplog.records if "another daemon announces" in r.getMessage()]
+    assert len(errors) == 1 and "127.0.0.1:9999" in errors[0].getMessage()  # once per address
+    import fednode.mesh.membership as membership_module
+
+    calls = []
+    real_verify = membership_module.verify_hello
+    membership_module.verify_hello = lambda trust, hello: calls.append(1) or real_verify(trust, hello)
+    try:
+        b.view.merge(digest("n1", b.view.self_member.record()))  # our own record relayed back
+    finally:
+        membership_module.verify_hello = real_verify
+    assert calls == []  # every digest carries it: recognised without a signature check
+    restarted = make_node(mesh["n2"], clock, incarnation=2)
+    assert a.view.merge(digest("n2", record(restarted, 2))).refused == []
+    assert a.view.members["n2"].body.incarnation == 2
 
 
 # ------------------------------------------------------------------------------------- convergence

@@ -50,6 +50,7 @@ def mesh(tmp_path_factory):
     m = LocalMesh.create(root, 4, code_bytes=60_000, overrides=FAST)
     m.configure("node-3", "model", preset="tiny")  # an incompatible family, started by one test only
     m.configure("node-0", "metrics", listen=f"127.0.0.1:{free_ports(1)[0]}")
+    m.configure("node-1", "mesh", reflection=True)  # off by default (node-0, node-2)
     with m.running(NAMES, START_TIMEOUT):
         yield m
 
@@ -125,6 +126,12 @@ def test_health_and_reflection_are_served_over_mtls(mesh):
                                               timeout=10)
         services = {s.name for r in responses for s in r.list_services_response.service}
     assert {"fednode.v1.Peer", "grpc.health.v1.Health"} <= services
+    with grpc.secure_channel(mesh.node("node-0").address, creds) as channel:  # the default: no reflection
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_client_without_certificate_is_refused_at_tls(mesh):

@@ -27,6 +27,7 @@ import torch
 from fednode.launcher import LocalMesh
 from fednode.learning import messenger
 from fednode.learning.models import build_model, resolve_preset, state_tensors
+from fednode.learning.optim_state import model_tensors
 from fednode.learning.tokenizer import build_tokenizer
 from fednode.store.checkpoint import load_checkpoint, shared_name
 from fednode.transport.tensorstream import encode
@@ -139,6 +140,8 @@ def test_fedavg_mode_pushes_and_merges_the_whole_model(meshes):
 
         shared, meta = load_checkpoint(shared_file(m, name))
         full, _ = load_checkpoint(shared_file(m, name).with_name(rounds_of(m, name)[-1].checkpoint))
+        assert any(k.startswith("optim.") for k in full)  # the checkpoint also keeps Adam's moments ...
+        full = model_tensors(full)  # ... which never travel
         assert meta["mode"] == "fedavg"
         assert shapes(shared) == whole_model  # what travels is the whole private model ...
         assert shared.keys() == full.keys() and all(torch.equal(shared[k], full[k]) for k in full)  # ... exactly

@@ -43,7 +43,7 @@ from fednode.mesh.negotiation import (
 )
 
 P = Params(max_level=4, plateau_window=3, plateau_theta=0.01, js_threshold=0.1, activation_delay=2,
-           slow_rounds=2, min_round_gap=3)
+           slow_rounds=2, min_round_gap=3, min_live_peers=1, growth_signal="plateau")  # the signals' rules
 GENESIS = Agreement.genesis()
 FLAT = (2.0, 2.0, 2.0, 2.0)
 IMPROVING = (3.0, 2.5, 2.0, 1.5)
@@ -235,6 +235,22 @@ def test_no_growth(kwargs, hold):
     kwargs = {"ceilings": THREE} | kwargs
     d = decide(view_of(**kwargs), P)
     assert isinstance(d, NoChange) and d.reason == hold, d
+
+
+def test_the_budget_signal_grows_whenever_afforded_and_keeps_every_other_gate():
+    """shared-prefix's signal: P's own loss improves as long as it trains, so no plateau is awaited."""
+    budget = replace(P, growth_signal="budget")
+    for losses in (IMPROVING, FLAT[:3], ()):
+        d = decide(view_of(THREE, losses=losses), budget)
+        assert isinstance(d, Propose) and d.proposal.level == 1, d
+    assert decide(view_of(THREE, losses=IMPROVING), P) == NoChange(Hold.NOT_PLATEAUED)
+    for kwargs, hold in [({"ceilings": {"a": 3, "b": 0, "c": 0}}, Hold.NO_QUORUM),
+                         ({"js": 0.05}, Hold.LOW_HETEROGENEITY),
+                         ({"committed": agreement(1, 1, previous=0, activate=8)}, Hold.COOLDOWN)]:
+        d = decide(view_of(**({"ceilings": THREE, "losses": IMPROVING} | kwargs)), budget)
+        assert isinstance(d, NoChange) and d.reason == hold, d
+    with pytest.raises(ConfigError):
+        Params(max_level=4, growth_signal="sometimes")
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -811,3 +827,14 @@ def test_random_mesh_runs_keep_the_invariants(ceilings, steps):
         for nid, node in sim.nodes.items():
             assert node.committed.epoch >= epochs[nid]
             assert effective_level(node.committed, sim.ceilings[nid]) <= max(0, sim.ceilings[nid])
+
+
+def test_params_take_their_defaults_from_the_config_section():
+    """One source of defaults: [negotiation] (fednode.config) is what Params falls back to."""
+    from fednode.config import FAMILY_GROWTH_SIGNAL, NegotiationSection
+
+    section, params = NegotiationSection(), Params(max_level=2)
+    for key in ("plateau_window", "plateau_theta", "quorum", "js_threshold", "activation_delay", "min_round_gap",
+                "min_live_peers"):
+        assert getattr(params, key) == getattr(section, key), key
+    assert params.growth_signal == FAMILY_GROWTH_SIGNAL["distilled"]

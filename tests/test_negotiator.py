@@ -6,7 +6,7 @@ import math
 import tomllib
 from pathlib import Path
 
-from helpers_pki import make_mesh
+from helpers_pki import UNCHAINED, make_mesh
 
 from fednode.config import parse_config, to_toml
 from fednode.mesh import negotiation as neg
@@ -33,7 +33,8 @@ class Clock:
 
 def hello(identity, address: str) -> tuple[pb.SignedHello, pb.HelloBody]:
     body = pb.HelloBody(node_id=identity.node_id, protocol_version=1, tokenizer_hash="t", family_hash="f",
-                        payload_public_key=PayloadKey.generate().public_bytes(), address=address, incarnation=1)
+                        payload_public_key=PayloadKey.generate().public_bytes(), address=address, incarnation=1,
+                        **UNCHAINED)
     return sign_hello(identity, body), body
 
 
@@ -95,7 +96,8 @@ def test_forged_record_is_refused_and_proposal_from_a_non_proposer_is_counted(tm
     samples = {s.labels["reason"]: s.value for m in ctx.metrics.rejected.collect() for s in m.samples
                if s.name.endswith("_total")}
     assert true_proposer == "a"  # sha256 order for ids a, b, c at epoch 1: we are the rightful proposer
-    assert samples.get("NOT_PROPOSER") == 1.0 and negotiator.ack is None  # the liar's proposal: never acked
+    assert samples.get("NOT_PROPOSER") == 1.0  # the liar's proposal: counted once ...
+    assert negotiator.ack is None or negotiator.ack.proposer == "a"  # ... and never acked
     # ... and it could not block us: we proposed ourselves
     assert negotiator.proposal is not None and negotiator.proposal.proposer == "a"
     ctx.journal.close()
@@ -133,17 +135,47 @@ def test_agreement_heard_from_a_peer_wins_when_newer_and_plausible(tmp_path):
     ctx, negotiator = make_node(tmp_path, ids)
     good = neg.Agreement(epoch=3, level=2, previous_level=1, activate_round=9, proposer="b",
                          growth_seed=neg.growth_seed(3, 2))
+    proof = pb.Agreement(epoch=3, level=2, previous_level=1, activate_round=9, proposer="b",
+                         growth_seed=good.growth_seed)
     rec = base_record("b", 1)
-    rec.committed.CopyFrom(pb.Agreement(epoch=3, level=2, previous_level=1, activate_round=9, proposer="b",
-                                        growth_seed=good.growth_seed))
+    rec.committed.CopyFrom(proof)
     bad = base_record("c", 1)
     bad.committed.CopyFrom(pb.Agreement(epoch=7, level=2, previous_level=1, activate_round=9, proposer="c",
                                         growth_seed=12345))  # a seed no honest commit can have
     gossip_record(ctx, ids["b"], 1, rec)
     gossip_record(ctx, ids["c"], 1, bad)
     negotiator.after_round(1, 5.0, 100, 0, b"")
-    assert negotiator.committed == good  # the highest *plausible* epoch wins
+    assert negotiator.committed.epoch == 0  # b alone is 1 of 3 live: no proof yet
+    agree = base_record("c", 2)
+    agree.committed.CopyFrom(proof)
+    gossip_record(ctx, ids["c"], 2, agree)
+    negotiator.after_round(2, 5.0, 100, 0, b"")
+    assert negotiator.committed == good  # b and c sign it: 2 of 3 live, a quorum
     samples = {s.labels["reason"]: s.value for m in ctx.metrics.rejected.collect() for s in m.samples
                if s.name.endswith("_total")}
-    assert samples.get("BAD_SEED") == 1.0
+    assert samples.get("BAD_SEED") == 1.0 and samples.get("UNPROVEN_AGREEMENT") == 1.0
+    ctx.journal.close()
+
+
+def test_one_member_cannot_steer_the_mesh_with_a_committed_agreement_of_its_own(tmp_path):
+    """Issue 11: gossiping `committed = (epoch 1000, level 3)`, or epoch 2**63, made every node adopt it."""
+    ids = make_mesh(tmp_path / "pki", NAMES)
+    ctx, negotiator = make_node(tmp_path, ids)
+    liar = base_record("c", 1)
+    liar.committed.CopyFrom(pb.Agreement(epoch=1000, level=3, previous_level=0, activate_round=2, proposer="c",
+                                         growth_seed=neg.growth_seed(1000, 3)))
+    gossip_record(ctx, ids["b"], 1, base_record("b", 1))
+    gossip_record(ctx, ids["c"], 1, liar)
+    for round_ in (1, 2, 3):
+        negotiator.after_round(round_, 5.0, 100, 0, b"")
+    assert negotiator.committed.epoch == 0 and negotiator.level_for(3) == 0
+    huge = base_record("c", 2)
+    huge.committed.CopyFrom(pb.Agreement(epoch=2**63, level=0, proposer="c", growth_seed=neg.growth_seed(2**63, 0)))
+    outcome = gossip_record(ctx, ids["c"], 2, huge)
+    assert [(p, e.reason) for p, e in outcome.refused] == [("c", pb.MALFORMED)]
+    negotiator.after_round(4, 5.0, 100, 0, b"")  # the journal never sees the epoch
+    assert negotiator.committed.epoch == 0
+    samples = {s.labels["reason"]: s.value for m in ctx.metrics.rejected.collect() for s in m.samples
+               if s.name.endswith("_total")}
+    assert samples.get("UNPROVEN_AGREEMENT") == 1.0
     ctx.journal.close()

@@ -94,7 +94,7 @@ def recorded(tmp_path, monkeypatch):
         tensors, meta = load_checkpoint(path)
         full, _ = load_checkpoint(path.with_name(path.name.replace(".shared.safetensors", ".safetensors")))
         served.append({"server": identity.node_id, "to": to.node_id, "round": kw["round_"], "path": path.name,
-                       "level": int(meta["level"]), "tensors": tensors,
+                       "level": int(meta["level"]), "tensors": tensors, "meta": meta,
                        "private": {k: v for k, v in full.items() if k.startswith("private.")}})
         async for chunk in real_serve(identity, to, path, **kw):
             yield chunk
@@ -172,6 +172,7 @@ def test_only_messenger_tensors_are_ever_sent_and_a_catch_up_keeps_the_private_m
         assert s["path"].endswith(".shared.safetensors")
         shapes = {k: tuple(v.shape) for k, v in s["tensors"].items()}
         assert shapes == messenger.level_shapes(LADDER, s["level"]), (s["server"], s["round"])
+        assert set(s["meta"]) <= set(rounds.SHARED_METADATA), s["meta"]  # nothing about P (its config) or the site
         assert s["private"], "the server's full checkpoint holds its private model"
         private = {k.removeprefix("private."): v for k, v in s["private"].items()}
         assert _equal_pairs(s["tensors"], private) == [], (s["server"], s["round"])

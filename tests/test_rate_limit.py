@@ -9,7 +9,7 @@ import asyncio
 import tomllib
 
 import pytest
-from helpers_pki import make_mesh
+from helpers_pki import UNCHAINED, make_mesh
 
 from fednode.config import parse_config, to_toml
 from fednode.errors import ProtocolError, Reason
@@ -129,7 +129,8 @@ def _service(tmp_path):
     cfg = parse_config(tomllib.loads(to_toml({"node": {"name": "a", "data_dir": str(tmp_path / "a"),
                                                         "listen": "mem:1"}})), tmp_path)
     body = pb.HelloBody(node_id="a", protocol_version=1, tokenizer_hash="t", family_hash="f",
-                        payload_public_key=PayloadKey.generate().public_bytes(), address="mem:1", incarnation=1)
+                        payload_public_key=PayloadKey.generate().public_bytes(), address="mem:1", incarnation=1,
+                        **UNCHAINED)
     own = sign_hello(ids["a"], body)
     trust = TrustStore(ids["a"].ca_pem)
     ctx = NodeContext(cfg, ids["a"], trust, PayloadKey.generate(), Journal.open(tmp_path / "a" / "journal.db"),
@@ -141,6 +142,20 @@ def _service(tmp_path):
 
 def _sample(ctx, name: str, **labels) -> float:
     return ctx.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_reloaded_gossip_interval_resizes_the_limits(tmp_path):
+    """Reloading a faster [mesh] gossip_interval_s (a live key) must not leave the limiter built at
+    start throttling the node's own members."""
+    import dataclasses
+
+    ctx, service = _service(tmp_path)
+    old = service.gossip_limit.rate
+    faster = dataclasses.replace(ctx.cfg.mesh, gossip_interval_s=ctx.cfg.mesh.gossip_interval_s / 20)
+    ctx.cfg = dataclasses.replace(ctx.cfg, mesh=faster)
+    asyncio.run(service.handle_gossip(pb.Digest(sender_id="b"), Caller("b")))
+    assert service.gossip_limit.rate > old
+    assert service.gossip_limit.rate >= gossip_limiter(faster.gossip_interval_s).rate
 
 
 def test_a_gossip_flood_from_one_peer_is_refused_counted_and_others_are_served(tmp_path):

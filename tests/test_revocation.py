@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from helpers_pki import make_ca, make_identity
+from helpers_pki import UNCHAINED, make_ca, make_identity
 
 from fednode.cli import main
 from fednode.config import example_config, parse_config
@@ -189,7 +189,7 @@ def test_membership_drops_revoked_peers_refuses_their_records_and_gossips_the_li
     def hello_of(name: str) -> tuple[pb.HelloBody, pb.SignedHello]:
         body = pb.HelloBody(node_id=name, protocol_version=1, tokenizer_hash="t", family_hash="f",
                             payload_public_key=os.urandom(32), address=f"127.0.0.1:{7700 + int(name[1:])}",
-                            incarnation=1)
+                            incarnation=1, **UNCHAINED)
         return body, sign_hello(ids[name], body)
 
     body, hello = hello_of("n1")

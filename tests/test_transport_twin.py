@@ -228,12 +228,12 @@ def test_latency_delays_calls():
 def test_latency_beyond_the_deadline_is_deadline_exceeded():
     async def scenario():
         network, a, b, _ = await pair()
-        network.latency_s[b.address] = 0.3
+        network.latency_s[b.address] = 30.0  # far beyond the deadline: no load can blur the two
         started = time.monotonic()
         with pytest.raises(PeerCallError) as info:
             await a.handshake(b.address, pb.SignedHello(), timeout=0.05)
         assert call_error(info).code == "DEADLINE_EXCEEDED"
-        assert time.monotonic() - started < 0.25
+        assert time.monotonic() - started < 10.0  # the deadline cut the call short, not the latency
     asyncio.run(scenario())
 
 

@@ -14,6 +14,7 @@ import click
 
 from tools.convergence.cli import convergence
 from tools.humaneval.cli import humaneval
+from tools.poison.cli import poison
 from tools.scaling import scaling
 from tools.soak import soak
 from tools.throughput.cli import throughput
@@ -71,6 +72,7 @@ main.add_command(soak)
 main.add_command(scaling)
 main.add_command(throughput)
 main.add_command(humaneval, name="humaneval")
+main.add_command(poison)
 
 if __name__ == "__main__":
     main()

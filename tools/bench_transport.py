@@ -330,6 +330,7 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
     from fednode.node.peer_service import PeerService
     from fednode.observability.metrics import NodeMetrics
     from fednode.security.envelope import PayloadKey
+    from fednode.security.heartbeat import HeartbeatChain
     from fednode.security.hello import sign_hello
     from fednode.security.pki import TrustStore, load_identity
     from fednode.store.journal import Journal
@@ -347,12 +348,13 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
     payload_key = PayloadKey.load_or_create(data_dir / "payload.key")
     transport = GrpcTransport(identity)
     metrics = NodeMetrics(identity.node_id)
+    chain = HeartbeatChain()
     body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION, tokenizer_hash=BENCH_TOKENIZER,
                         family_hash=BENCH_FAMILY, payload_public_key=payload_key.public_bytes(),
                         address=cfg.advertise, incarnation=journal.next_incarnation(),
-                        issued_unix_ms=int(time.time() * 1000))
+                        issued_unix_ms=int(time.time() * 1000), heartbeat_anchor=chain.anchor, heartbeat_base=1)
     membership = Membership(pb.SignedHello(), body, trust, suspect_after=cfg.mesh.suspect_after_s,
-                            dead_after=cfg.mesh.dead_after_s)
+                            dead_after=cfg.mesh.dead_after_s, chain=chain)
     ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
                       own_hello=pb.SignedHello(), own_body=body)
     ctx.inbox.open(ROUND)
@@ -647,6 +649,7 @@ async def _sender(opts: Options, identity: Any, tensors: dict[str, Any], mtls_rx
     from fednode import PROTOCOL_VERSION
     from fednode.node.exchange import Recipient, push_update
     from fednode.security.envelope import PayloadKey
+    from fednode.security.heartbeat import HeartbeatChain
     from fednode.security.hello import check_compatible, sign_hello, verify_hello
     from fednode.security.pki import TrustStore
     from fednode.transport.grpc_transport import MAX_MESSAGE, GrpcTransport
@@ -661,7 +664,8 @@ async def _sender(opts: Options, identity: Any, tensors: dict[str, Any], mtls_rx
         body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION,
                             tokenizer_hash=BENCH_TOKENIZER, family_hash=BENCH_FAMILY,
                             payload_public_key=PayloadKey.generate().public_bytes(), address="127.0.0.1:1",
-                            incarnation=1, issued_unix_ms=int(time.time() * 1000))
+                            incarnation=1, issued_unix_ms=int(time.time() * 1000),
+                            heartbeat_anchor=HeartbeatChain(length=1).anchor, heartbeat_base=1)
         answer = await transport.handshake(mtls_rx.address, sign_hello(identity, body), HANDSHAKE_TIMEOUT_S)
         peer = verify_hello(TrustStore(identity.ca_pem), answer)
         check_compatible(body, peer)

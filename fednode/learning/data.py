@@ -7,6 +7,7 @@ top-level package so each node sees different code (non-IID, as in real federati
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -19,6 +20,9 @@ from pathlib import Path
 import torch
 
 from fednode.errors import ConfigError
+from fednode.learning.files import DEFAULT_EXCLUDE, DEFAULT_MAX_FILE_KIB, Selection, include_patterns, select_files
+
+log = logging.getLogger(__name__)
 
 # Directory names never searched for training code: caches, vendored installs and tests.
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules", "test", "tests", "testing"})
@@ -68,9 +72,14 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files() -> list[Path]:
-    """The stdlib .py files without tests, site-packages or build directories, sorted."""
+    """The stdlib .py files without tests, site-packages, build directories or the public transfer
+    set's modules (every site holds those: they must not be one site's private code), sorted."""
+    from fednode.learning.public import PUBLIC_MODULES
+
     root = stdlib_root()
-    return [p for p in list_code_files(root) if not p.relative_to(root).parts[0].startswith(_STDLIB_SKIP_PREFIXES)]
+    public = {f"{name.replace('.', '/')}.py" for name in PUBLIC_MODULES}
+    return [p for p in list_code_files(root) if not p.relative_to(root).parts[0].startswith(_STDLIB_SKIP_PREFIXES)
+            and p.relative_to(root).as_posix() not in public]
 
 
 @dataclass(frozen=True)
@@ -217,23 +226,28 @@ class TokenDataset:
         max_tokens: int | None = None,
         holdout_fraction: float = 0.02,
         seed: int = 0,
+        *,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        languages: Sequence[str] = (),
+        max_file_kib: int | None = DEFAULT_MAX_FILE_KIB,
     ) -> TokenDataset:
-        """Tokenize every code file under root (eos between files) and cut it into blocks."""
+        """Tokenize the code files under root that `[data]` selects (eos between files) and cut
+        them into blocks; logs what was used, skipped and truncated."""
         if seq_len < 2:
             raise ConfigError(f"seq_len {seq_len} is too short: use at least 2 tokens")
         if not 0.0 < holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction {holdout_fraction} must lie strictly between 0 and 1")
-        files = list_code_files(Path(root))
-        if not files:
-            raise ConfigError(
-                f"data dir {root} has no code files (*.py): point `data.dir` at a directory of source files"
-            )
-        ids = _tokenize_files(files, tokenizer, max_tokens)
+        patterns = include_patterns(include, languages)
+        sel = select_data_files(Path(root), patterns, exclude, max_file_kib)
+        cut: dict[str, int] = {}
+        ids = _tokenize_files(sel.files, tokenizer, max_tokens, report=cut)
         n_blocks = len(ids) // seq_len
         if n_blocks < 2:
             raise ConfigError(
                 f"data dir {root} holds only {len(ids)} tokens: add code or lower seq_len below {len(ids) // 2}"
             )
+        _log_selection(sel, patterns, len(ids), cut, max_tokens)
         blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int32).view(n_blocks, seq_len)
         n_hold = min(n_blocks - 1, max(1, round(n_blocks * holdout_fraction)))
         order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed))
@@ -263,8 +277,48 @@ class TokenDataset:
         return [b.long() for b in torch.split(self.heldout_blocks, batch_size)]
 
 
-def _tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int | None) -> list[int]:
-    """Concatenate file token ids with eos after each file, stopping at max_tokens."""
+def select_data_files(root: Path, include: Sequence[str], exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                      max_file_kib: int | None = DEFAULT_MAX_FILE_KIB) -> Selection:
+    """The site's code files under `[data] dir`, or one of three ConfigErrors: the directory is
+    missing, cannot be read, or holds no file that the globs select."""
+    root = Path(root)
+    if not root.exists():
+        raise ConfigError(f"[data] dir {root} does not exist: create it and put this site's code in it, "
+                          "or point [data] dir at the directory that holds the code")
+    if not root.is_dir():
+        raise ConfigError(f"[data] dir {root} is a file, not a directory: point [data] dir at the directory "
+                          "that holds the code")
+    try:
+        sel = select_files(root, include, exclude, None if max_file_kib is None else max_file_kib * 1024)
+    except OSError as exc:
+        raise ConfigError(f"[data] dir {root} cannot be read ({exc.strerror or exc}): give the daemon's user read "
+                          "access to it (e.g. chmod -R o+rX, or a group the user is in)") from None
+    if not sel.files:
+        raise ConfigError(f"[data] dir {root} has no code files matching include {list(include)} (skipped: "
+                          f"{sel.skipped_text()}): put this site's code there, or change [data] include, "
+                          "languages or exclude")
+    return sel
+
+
+def _log_selection(sel: Selection, patterns: Sequence[str], tokens: int, cut: dict[str, int],
+                   max_tokens: int | None) -> None:
+    examples = "; ".join(f"{reason}: {', '.join(paths)}" for reason, paths in sel.examples.items())
+    truncated = ""
+    if cut.get("unused_files") or cut.get("dropped_tokens"):
+        truncated = (f"; truncated at max_tokens {max_tokens}: {cut['used_files']} of {len(sel.files)} files used, "
+                     f"{cut['unused_files']} not read, {cut['dropped_tokens']} tokens of the last one read dropped")
+    log.info("data: %d files (%.1f KiB), %d tokens from %s (include %s); skipped: %s%s%s",
+             len(sel.files), sel.bytes / 1024, tokens, sel.root, list(patterns), sel.skipped_text(),
+             f" (e.g. {examples})" if examples else "", truncated,
+             extra={"data_files": len(sel.files), "data_tokens": tokens, "data_excluded": sel.excluded,
+                    "data_binary": sel.binary, "data_too_large": sel.too_large, "data_unreadable": sel.unreadable,
+                    "data_truncated_files": cut.get("unused_files", 0)})
+
+
+def _tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int | None,
+                    report: dict[str, int] | None = None) -> list[int]:
+    """Concatenate file token ids with eos after each file, stopping at max_tokens; `report`
+    gets used_files, unused_files (never read) and dropped_tokens (cut from the tail)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("tokenizer has no eos token: build it with fednode.learning.tokenizer")
@@ -272,11 +326,18 @@ def _tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int | None) ->
     ids: list[int] = []
     chunk = 64
     for start in range(0, len(files), chunk):
-        texts = [p.read_text(encoding="utf-8") for p in files[start : start + chunk]]
-        texts = [t for t in texts if t]
-        for enc in backend.encode_batch(texts, add_special_tokens=False):
+        texts = [(j, p.read_text(encoding="utf-8")) for j, p in enumerate(files[start : start + chunk])]
+        texts = [(j, t) for j, t in texts if t]
+        for (j, _), enc in zip(texts, backend.encode_batch([t for _, t in texts], add_special_tokens=False),
+                               strict=True):
             ids.extend(enc.ids)
             ids.append(eos)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            return ids[:max_tokens]
+            if max_tokens is not None and len(ids) >= max_tokens:
+                if report is not None:
+                    used = start + j + 1
+                    report.update(used_files=min(used, len(files)), unused_files=max(0, len(files) - used),
+                                  dropped_tokens=len(ids) - max_tokens)
+                return ids[:max_tokens]
+    if report is not None:
+        report.update(used_files=len(files), unused_files=0, dropped_tokens=0)
     return ids

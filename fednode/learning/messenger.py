@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fednode.errors import ConfigError
-from fednode.learning.models import ARCHITECTURE, load_state_tensors, state_tensors
+from fednode.learning.models import ARCHITECTURE, SEEDED_INIT, load_state_tensors, state_tensors
 from fednode.learning.trainer import causal_lm_loss
 
 MESSENGER_ARCHITECTURE = f"{ARCHITECTURE}+nested-ladder/mha/growth-v1"  # bump on init/growth changes
@@ -47,14 +47,21 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class LevelSpec:
-    """One rung: how many layers, FFN units and heads the messenger keeps."""
+    """One rung: how many layers, FFN units and heads the messenger keeps, and (width ladders)
+    how many hidden channels: 0 means the ladder's full hidden_size."""
 
     num_layers: int
     intermediate_size: int
     num_heads: int
+    hidden_size: int = 0
 
 
-_LEVEL_FIELDS = tuple(f.name for f in dataclasses.fields(LevelSpec))
+_LEVEL_FIELDS = ("num_layers", "intermediate_size", "num_heads")
+
+
+def level_hidden(ladder: Ladder, spec: LevelSpec) -> int:
+    """Hidden channels of a level (a prefix of the ladder's hidden_size)."""
+    return spec.hidden_size or ladder.hidden_size
 
 
 @dataclass(frozen=True)
@@ -91,15 +98,19 @@ def _check_level(ladder: Ladder, i: int, spec: LevelSpec) -> None:
     """Positive fields, heads dividing hidden, and non-decreasing against the level below."""
     for field in _LEVEL_FIELDS:
         _require_positive(f"levels[{i}].{field}", getattr(spec, field))
-    if ladder.hidden_size % spec.num_heads:
+    hid = level_hidden(ladder, spec)
+    if not 0 < hid <= ladder.hidden_size:
+        raise ValueError(f"levels[{i}].hidden_size {spec.hidden_size} must be within 1..{ladder.hidden_size}")
+    if hid % spec.num_heads:
         # transformers' LlamaConfig refuses this even with an explicit head_dim
         raise ValueError(
-            f"levels[{i}].num_heads {spec.num_heads} does not divide hidden_size {ladder.hidden_size}: "
-            "transformers requires it"
+            f"levels[{i}].num_heads {spec.num_heads} does not divide hidden_size {hid}: transformers requires it"
         )
     if i == 0:
         return
     prev = ladder.levels[i - 1]
+    if hid < level_hidden(ladder, prev):
+        raise ValueError(f"levels[{i}] is narrower than levels[{i - 1}]: each level must be a prefix of the next")
     for field in _LEVEL_FIELDS:
         if getattr(spec, field) < getattr(prev, field):
             raise ValueError(
@@ -110,7 +121,7 @@ def _check_level(ladder: Ladder, i: int, spec: LevelSpec) -> None:
         raise ValueError(f"levels[{i}] equals levels[{i - 1}]: each level must grow at least one field")
 
 
-def _ladder(hidden: int, head_dim: int, *levels: tuple[int, int, int]) -> Ladder:
+def _ladder(hidden: int, head_dim: int, *levels: tuple[int, ...]) -> Ladder:
     return Ladder(hidden, head_dim, 4096, 512, tuple(LevelSpec(*spec) for spec in levels))
 
 
@@ -119,6 +130,10 @@ LADDERS: dict[str, Ladder] = {
     "micro": _ladder(32, 8, (1, 16, 1), (1, 32, 2), (2, 32, 2), (2, 64, 4)),
     # for the "tiny" preset (hidden 96): ~0.49M .. 0.84M params; the top level equals tiny's shape
     "tiny": _ladder(96, 24, (2, 96, 2), (3, 128, 2), (3, 192, 3), (4, 256, 4)),
+    # for "tiny" with capacity that scales: hidden width nested too (the embedding is most of a
+    # small model), 69k / 157k / 403k / 835k params (each level >= 2x the one below; the top is
+    # as large as tiny itself)
+    "tiny-wide": _ladder(96, 16, (1, 48, 1, 16), (2, 96, 2, 32), (3, 160, 4, 64), (4, 256, 6, 96)),
 }
 
 
@@ -139,7 +154,7 @@ def _spec(ladder: Ladder, level: int) -> LevelSpec:
 def level_shapes(ladder: Ladder, level: int) -> dict[str, Shape]:
     """Name -> shape of every trainable tensor at a level (the `state_tensors` layout)."""
     spec = _spec(ladder, level)
-    hid, attn, ffn = ladder.hidden_size, spec.num_heads * ladder.head_dim, spec.intermediate_size
+    hid, attn, ffn = level_hidden(ladder, spec), spec.num_heads * ladder.head_dim, spec.intermediate_size
     shapes: dict[str, Shape] = {"model.embed_tokens.weight": (ladder.vocab_size, hid)}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
@@ -187,7 +202,7 @@ def messenger_config(ladder: Ladder, level: int, tokenizer=None) -> LlamaConfig:
     ids = {key: getattr(tokenizer, key, None) for key in _TOKEN_IDS}
     return LlamaConfig(
         vocab_size=ladder.vocab_size,
-        hidden_size=ladder.hidden_size,
+        hidden_size=level_hidden(ladder, spec),
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
@@ -203,11 +218,12 @@ def messenger_config(ladder: Ladder, level: int, tokenizer=None) -> LlamaConfig:
 def model_level(ladder: Ladder, model) -> int:
     """The ladder level a messenger model is at (ValueError when its shape is not a level)."""
     cfg = model.config
-    fixed = (cfg.hidden_size, getattr(cfg, "head_dim", None), cfg.vocab_size)
-    if fixed == (ladder.hidden_size, ladder.head_dim, ladder.vocab_size):
-        here = LevelSpec(cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads)
+    fixed = (getattr(cfg, "head_dim", None), cfg.vocab_size)
+    if fixed == (ladder.head_dim, ladder.vocab_size):
+        here = (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads, cfg.hidden_size)
         for level, spec in enumerate(ladder.levels):
-            if spec == here and cfg.num_key_value_heads == spec.num_heads:
+            there = (spec.num_layers, spec.intermediate_size, spec.num_heads, level_hidden(ladder, spec))
+            if here == there and cfg.num_key_value_heads == spec.num_heads:
                 return level
     raise ValueError("model is not a level of this messenger ladder: build it with build_messenger")
 
@@ -243,7 +259,7 @@ def init_state(ladder: Ladder, level: int, seed: int) -> dict[str, torch.Tensor]
 
 def _new_model(config: LlamaConfig) -> LlamaForCausalLM:
     """A model skeleton (its own random init is overwritten by the caller)."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+    with SEEDED_INIT, torch.random.fork_rng(devices=[]):  # leave the global RNG to its owner
         torch.manual_seed(0)
         return LlamaForCausalLM(config).float()
 
@@ -311,13 +327,26 @@ def grow_state(
     if to_level < from_level:
         raise ValueError(f"cannot grow from level {from_level} down to {to_level}: use slice_state")
     _check_exact(tensors, ladder, from_level)
+    h_old, h_new = (level_hidden(ladder, _spec(ladder, lv)) for lv in (from_level, to_level))
+    # RMSNorm divides by the root mean square over the hidden channels: new channels start at
+    # zero, so the mean over h_new channels is h_old/h_new of the old one; norm weights scaled by
+    # sqrt(h_old/h_new) keep every normalised value (exact up to RMSNorm's eps)
+    # sqrt(h_old/h_new) keep every normalised value (exact up to RMSNorm's eps). New norm
+    # coordinates get sqrt(h_0/h_new) (h_0: level 0's width), so growing 0 -> 1 -> 3 equals 0 -> 3.
+    norm_scale = (h_old / h_new) ** 0.5
+    new_norm = (level_hidden(ladder, _spec(ladder, 0)) / h_new) ** 0.5
     out = {}
     for name, shape in level_shapes(ladder, to_level).items():
         old = tensors.get(name)
         dtype = old.dtype if old is not None else tensors["model.embed_tokens.weight"].dtype
         grown = _grown_fill(ladder, name, growth_seed, shape).to(dtype)
+        if _is_norm(name):
+            grown.mul_(new_norm)
+        if name == "model.embed_tokens.weight" and h_new > h_old:
+            grown.zero_()  # new channels of the residual stream start silent (tied head: logits unchanged)
         if old is not None:
-            grown[_prefix(tuple(old.shape))] = old.detach().to("cpu")
+            scale = norm_scale if _is_norm(name) else 1.0
+            grown[_prefix(tuple(old.shape))] = old.detach().to("cpu", dtype) * scale
         out[name] = grown
     return out
 
@@ -440,7 +469,7 @@ def estimate_step_bytes(ladder: Ladder, level: int, batch: int, seq: int) -> int
     (logits, the loss's float copy, the softmax gradient), which dominate small models.
     """
     spec = _spec(ladder, level)
-    hid, attn, ffn = ladder.hidden_size, spec.num_heads * ladder.head_dim, spec.intermediate_size
+    hid, attn, ffn = level_hidden(ladder, spec), spec.num_heads * ladder.head_dim, spec.intermediate_size
     per_token_layer = 6 * hid + 7 * attn + 4 * ffn + spec.num_heads * seq
     per_token = spec.num_layers * per_token_layer + 2 * hid + 3 * ladder.vocab_size
     floats = 4 * level_param_count(ladder, level) + batch * seq * per_token

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -94,10 +95,18 @@ def build_model(preset: str | ModelPreset, tokenizer, seed: int) -> LlamaForCaus
     The global RNG is forked, so building a model does not disturb the caller's randomness.
     """
     config = model_config(resolve_preset(preset), tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    with SEEDED_INIT:  # several nodes in one process build at once: one seeded draw at a time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
     return model.float()
+
+
+# transformers initialises weights from torch's one global generator. Two threads seeding and
+# drawing from it at once (nodes of one process starting together: the simulation harness, the
+# demo) interleave their draws, and "the same seed" gave each node different weights; FedAvg then
+# averaged unrelated models. Every seeded use of the global generator holds this lock.
+SEEDED_INIT = threading.Lock()
 
 
 def _tied(model) -> bool:
@@ -143,3 +152,17 @@ def load_state_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
 def count_parameters(model) -> int:
     """Unique trainable parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def load_partial_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a subset of the model's tensors in place (the shared prefix); names and shapes must match."""
+    params = dict(model.named_parameters(remove_duplicate=True))
+    for name, tensor in tensors.items():
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"unknown tensor {name!r}")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)

@@ -93,10 +93,10 @@ def next_token_distributions(model, blocks: torch.Tensor) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(input_ids=blocks.long(), use_cache=False).logits
+            logits = model(input_ids=blocks.long().to(next(model.parameters()).device), use_cache=False).logits
     finally:
         model.train(was_training)
-    return torch.softmax(logits.float(), dim=-1)
+    return torch.softmax(logits.float(), dim=-1).cpu()
 
 
 def probe_positions(seq_len: int, positions: int) -> list[int]:

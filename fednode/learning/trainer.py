@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fednode.learning.data import TokenDataset
+from fednode.learning.device import Placement, backward, finish_step
 
 GRAD_CLIP = 1.0  # global-norm clipping keeps the high default lr of tiny models stable
 
@@ -41,11 +42,13 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str
 def evaluate(model, batches: Iterable[torch.Tensor]) -> float:
     """Mean token cross-entropy in nats over all predicted tokens of all batches (no grad)."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 total += float(causal_lm_loss(logits, batch, reduction="sum"))
                 count += batch.shape[0] * (batch.shape[1] - 1)
@@ -59,10 +62,13 @@ def evaluate(model, batches: Iterable[torch.Tensor]) -> float:
 class LocalTrainer:
     """Holds a model and its AdamW state across rounds."""
 
-    def __init__(self, model, *, lr: float = 3e-3, weight_decay: float = 0.0, seed: int = 0):
-        self.model = model
+    def __init__(self, model, *, lr: float = 3e-3, weight_decay: float = 0.0, seed: int = 0,
+                 placement: Placement | None = None):
+        self.placement = placement or Placement()
+        self.model = self.placement.place(model)
         self.seed = seed
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scaler = self.placement.scaler()
 
     def train(
         self,
@@ -79,13 +85,14 @@ class LocalTrainer:
         self.model.train()
         tokens = 0
         start = time.perf_counter()
-        for batch in dataset.train_batches(batch_size, steps, seed):
-            logits = self.model(input_ids=batch, use_cache=False).logits
-            loss = causal_lm_loss(logits, batch)
+        accum = self.placement.grad_accum
+        for batch in dataset.train_batches(batch_size * accum, steps, seed):
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-            self.optimizer.step()
+            for part in self.placement.micro_batches(batch):
+                with self.placement.autocast():
+                    loss = causal_lm_loss(self.model(input_ids=part, use_cache=False).logits, part)
+                backward(loss / accum, self.scaler)
+            finish_step([list(self.model.parameters())], [self.optimizer], self.scaler, GRAD_CLIP)
             tokens += batch.numel()
         seconds = time.perf_counter() - start
         loss_after = evaluate(self.model, heldout)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from fednode.config import FAMILY_GROWTH_SIGNAL, GROWTH_SIGNALS, NegotiationSection
 from fednode.errors import ConfigError, FednodeError
 
 
@@ -73,26 +74,38 @@ class Hold(enum.StrEnum):
     LOW_HETEROGENEITY = "heterogeneity below threshold"
 
 
+
+
+_DEFAULTS = NegotiationSection()
+
+
 @dataclass(frozen=True)
 class Params:
-    """Negotiation knobs; identical on every peer (they are part of the mesh configuration)."""
+    """Negotiation knobs; identical on every peer (they are part of the mesh configuration).
+
+    Defaults are `[negotiation]`'s (fednode.config.NegotiationSection, the one source); the
+    slow-round rule has no config key yet. `activation_delay` >= 1 is what the decision needs; the
+    config asks for >= 3 so that a proposal and its acks have time to gossip."""
 
     max_level: int
-    plateau_window: int = 5  # W rounds
-    plateau_theta: float = 0.01  # relative drop over W rounds below which the loss has plateaued
-    quorum: float = 2 / 3  # fraction of live peers; > 1/2 so two quorums of one live set intersect
-    js_threshold: float = 0.05  # grow only if mean pairwise JS divergence is at least this
-    activation_delay: int = 2  # rounds between proposing and activating
+    plateau_window: int = _DEFAULTS.plateau_window  # W rounds
+    plateau_theta: float = _DEFAULTS.plateau_theta  # relative drop over W rounds below which the loss plateaued
+    quorum: float = _DEFAULTS.quorum  # fraction of live peers; > 1/2 so two quorums of one live set intersect
+    js_threshold: float = _DEFAULTS.js_threshold  # grow only if mean pairwise JS divergence is at least this
+    activation_delay: int = _DEFAULTS.activation_delay  # rounds between proposing and activating
     slow_rounds: int = 3  # k rounds over the time budget before shrinking
     slow_fraction: float = 0.5  # share of live peers that must be slow (0.5: the median round time)
-    min_round_gap: int = 5  # rounds after an activation before the next growth (hysteresis)
-    min_live_peers: int = 1  # a view with fewer live peers neither proposes, acks nor commits
+    min_round_gap: int = _DEFAULTS.min_round_gap  # rounds after an activation before the next growth (hysteresis)
+    min_live_peers: int = _DEFAULTS.min_live_peers  # a view with fewer live peers neither proposes, acks nor commits
+    growth_signal: str = FAMILY_GROWTH_SIGNAL["distilled"]  # plateau: once the shared loss stops improving;
+    # budget: whenever a quorum affords the next level ([negotiation] growth_signal = "auto" picks per family)
 
     def __post_init__(self) -> None:
         checks = [
             (self.max_level >= 0, "max_level must be >= 0"),
             (self.plateau_window >= 1, "plateau_window must be >= 1"),
             (self.plateau_theta >= 0, "plateau_theta must be >= 0"),
+            (self.growth_signal in GROWTH_SIGNALS, f"growth_signal must be one of {', '.join(GROWTH_SIGNALS)}"),
             (0.5 < self.quorum <= 1, "quorum must be in (0.5, 1]"),
             (self.js_threshold >= 0, "js_threshold must be >= 0"),
             (self.activation_delay >= 1, "activation_delay must be >= 1 (activation is a future round)"),
@@ -418,7 +431,8 @@ def _wanted(view: MeshView, params: Params, q_level: int) -> tuple[Direction, in
         return NoChange(Hold.AT_MAX_LEVEL)
     if committed.epoch > 0 and rnd < committed.activate_round + params.min_round_gap:
         return NoChange(Hold.COOLDOWN, f"until round {committed.activate_round + params.min_round_gap}")
-    if not plateaued(view.mesh_losses, params.plateau_window, params.plateau_theta):
+    if params.growth_signal == "plateau" and not plateaued(view.mesh_losses, params.plateau_window,
+                                                           params.plateau_theta):
         return NoChange(Hold.NOT_PLATEAUED)
     if q_level < current + 1:
         return NoChange(Hold.NO_QUORUM, f"quorum affords {q_level}")
@@ -463,3 +477,56 @@ def decide(view: MeshView, params: Params) -> Decision:
     activate = max(view.current_round, view.committed.activate_round) + params.activation_delay
     return Propose(Proposal(epoch=epoch, level=level, activate_round=activate, proposer=view.self_id,
                             growth_seed=growth_seed(epoch, level), direction=direction))
+
+
+def commit_key(a: Agreement) -> tuple[int, int, int, str, int]:
+    """What one commit is, whoever reports it (previous_level is derived locally from each history)."""
+    return (a.epoch, a.level, a.activate_round, a.proposer, a.growth_seed)
+
+
+@dataclass(frozen=True)
+class Proven:
+    agreement: Agreement | None  # the highest newer agreement a quorum of live members signed, if any
+    unproven: tuple[tuple[str, Agreement], ...]  # newer claims without that proof: (claimer, agreement)
+
+
+def proven_agreement(committed: Agreement, claims: Mapping[str, Agreement], live_ids: Iterable[str],
+                     quorum: float, own_ack: Proposal | None = None, self_id: str = "",
+                     peer_acks: Mapping[str, Proposal] | None = None) -> Proven:
+    """Which committed agreement heard by gossip may be adopted: one that a quorum of the live members
+    (self included in the count) vouch for, each by its own signed record claiming that very commit
+    or acking the proposal it commits. An honest proposer commits only after a quorum acked, so those
+    acks (or the commits that replace them) are the proof; one liar, or a minority, cannot make it.
+    Acks count because the proposer's commit is usually heard first: waiting for a quorum of *commit*
+    claims would leave every acker waiting on the others. Pure.
+
+    `claims` are the agreements in live peers' signed records and `peer_acks` the proposals they ack
+    (self excluded; our own ack is `own_ack`)."""
+    live = set(live_ids) | ({self_id} if self_id else set())
+    need = quorum_count(len(live), quorum)
+    groups: dict[tuple[int, int, int, str, int], list[tuple[str, Agreement]]] = {}
+    for node_id, agreement in sorted(claims.items()):
+        if node_id in live and node_id != self_id and agreement.epoch > committed.epoch:
+            groups.setdefault(commit_key(agreement), []).append((node_id, agreement))
+    ackers: dict[tuple[int, int, int, str, int], set[str]] = {}
+    for node_id, ack in (peer_acks or {}).items():
+        if node_id in live and node_id != self_id:
+            ackers.setdefault(_proposal_key(ack), set()).add(node_id)
+    if own_ack is not None and self_id:
+        ackers.setdefault(_proposal_key(own_ack), set()).add(self_id)
+    best: Agreement | None = None
+    unproven: list[tuple[str, Agreement]] = []
+    for key, supporters in groups.items():
+        votes = {n for n, _ in supporters} | ackers.get(key, set())
+        if len(votes) >= need:
+            candidate = supporters[0][1]
+            for _, other in supporters[1:]:
+                candidate = reconcile(candidate, other)
+            best = candidate if best is None else reconcile(best, candidate)
+        else:
+            unproven.extend(supporters)
+    return Proven(best, tuple(unproven))
+
+
+def _proposal_key(p: Proposal) -> tuple[int, int, int, str, int]:
+    return (p.epoch, p.level, p.activate_round, p.proposer, p.growth_seed)

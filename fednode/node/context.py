@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fednode.config import Config
 from fednode.errors import ProtocolError, StoreError, reason_name
@@ -22,6 +22,10 @@ from fednode.store.atomic import write_atomic
 from fednode.store.journal import Journal
 from fednode.transport.base import Transport
 from fednode.v1 import peer_pb2 as pb
+
+if TYPE_CHECKING:  # both import this module
+    from fednode.node.learner import Learner
+    from fednode.node.negotiator import Negotiator
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,8 @@ class NodeContext:
     last_loss: float = float("nan")
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
-    negotiator: Any = None  # fednode.node.negotiator.Negotiator, set once the learner is built
-    learner: Any = None
+    negotiator: Negotiator | None = None  # set once the learner is built
+    learner: Learner | None = None
 
     @property
     def node_id(self) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from fednode import PROTOCOL_VERSION
 from fednode.config import Config, load_config
-from fednode.errors import ConfigError, PkiError, ProtocolError, StoreError
+from fednode.errors import ConfigError, NetworkError, PkiError, ProtocolError, StoreError
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext, Phase
 from fednode.node.gossiper import Gossiper
@@ -34,8 +35,9 @@ from fednode.node.rounds import RoundLoop
 from fednode.observability import sdnotify
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
+from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello
-from fednode.security.pki import NodeIdentity, TrustStore, load_identity
+from fednode.security.pki import EXPIRY_WARN_DAYS, NodeIdentity, TrustStore, load_identity
 from fednode.security.revocation import (
     CRL_FILE,
     RevocationList,
@@ -53,7 +55,6 @@ from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
 DRAIN_BOUND_S = 30.0
-EXPIRY_WARN_DAYS = 30  # log a warning (at start, at reload, twice a day) when the certificate expires sooner
 EXPIRY_CHECK_EVERY_S = 12 * 3600.0
 
 # What a reload (SIGHUP) applies to a running node; every other key needs a restart. A section
@@ -153,10 +154,15 @@ class Daemon:
     """A node. `transport_factory` (identity -> Transport) defaults to real mTLS gRPC; simulations
     pass the in-memory twin so many full nodes run in one process."""
 
-    def __init__(self, cfg: Config, transport_factory: Callable[[NodeIdentity], Transport] | None = None):
+    def __init__(self, cfg: Config, transport_factory: Callable[[NodeIdentity], Transport] | None = None, *,
+                 exit_when_done: bool = False):
+        """`exit_when_done`: once [train] rounds are committed, drain and exit 0 (batch jobs) instead of
+        serving peers until drained."""
         self.cfg = cfg
+        self.exit_when_done = exit_when_done
         # FEDNODE_FAULTS (tests and benchmarks) wraps the real transport in a fault injector
-        self.transport_factory = transport_factory or wrap_from_env(GrpcTransport)
+        self.transport_factory = transport_factory or wrap_from_env(
+            functools.partial(GrpcTransport, reflection=cfg.mesh.reflection))
         self.ctx: NodeContext | None = None
         self._servers: list = []
         self._tasks: list[asyncio.Task] = []
@@ -188,12 +194,21 @@ class Daemon:
 
         transport = self.transport_factory(identity)
         metrics = NodeMetrics(identity.node_id)
+        chain = HeartbeatChain()
         body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION,
                             tokenizer_hash=learner.info.tokenizer_hash, family_hash=learner.info.family_hash,
                             payload_public_key=payload_key.public_bytes(), address=cfg.advertise,
-                            incarnation=journal.next_incarnation(), issued_unix_ms=int(time.time() * 1000))
+                            incarnation=journal.next_incarnation(), issued_unix_ms=int(time.time() * 1000),
+                            heartbeat_anchor=chain.anchor, heartbeat_base=1)
+
+        def renew(new_chain: HeartbeatChain, base: int) -> pb.SignedHello:
+            """Our heartbeat chain ran out: the same Hello with a new anchor, signed again."""
+            ctx.own_body.heartbeat_anchor, ctx.own_body.heartbeat_base = new_chain.anchor, base
+            ctx.own_hello = sign_hello(ctx.identity, ctx.own_body)
+            return ctx.own_hello
+
         membership = Membership(pb.SignedHello(), body, trust, suspect_after=cfg.mesh.suspect_after_s,
-                                dead_after=cfg.mesh.dead_after_s)
+                                dead_after=cfg.mesh.dead_after_s, chain=chain, renew=renew)
         ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
                           own_hello=pb.SignedHello(), own_body=body)
         self.ctx = ctx
@@ -203,7 +218,7 @@ class Daemon:
         self.negotiator.restore()
         self._restore(ctx)
 
-        service = PeerService(ctx, learner.validate)
+        service = PeerService(ctx, learner.validate, learner.update_spec())
         bound = await transport.serve(service, cfg.node.listen)
         if cfg.advertise.endswith(":0"):
             body.address = bound
@@ -248,8 +263,13 @@ class Daemon:
     def _start_metrics(self, ctx: NodeContext) -> None:
         from prometheus_client import start_http_server
 
-        host, _, port = self.cfg.metrics.listen.rpartition(":")
-        server, thread = start_http_server(int(port), addr=host, registry=ctx.metrics.registry)
+        listen = self.cfg.metrics.listen
+        host, _, port = listen.rpartition(":")
+        try:
+            server, thread = start_http_server(int(port), addr=host, registry=ctx.metrics.registry)
+        except OSError as exc:  # a port in use must not end in a traceback (and five systemd restarts)
+            raise NetworkError(f"[metrics] listen {listen}: cannot listen ({exc.strerror or exc}): free the port "
+                               f"or choose another in [metrics] listen (empty turns the endpoint off)") from None
         self._metrics_server = server
 
     def request_drain(self) -> None:
@@ -365,7 +385,7 @@ class Daemon:
                                f"{Path(cfg.tls.ca).parent} {ctx.node_id} --addr ...` and reload again")
             changed = (identity.cert_der, identity.key_pem, identity.ca_pem) != (
                 ctx.identity.cert_der, ctx.identity.key_pem, ctx.identity.ca_pem)
-            if changed and hasattr(ctx.transport, "set_identity"):
+            if changed:
                 ctx.transport.set_identity(identity)  # the last check (credentials build) before anything changes
         except PkiError as exc:
             log.error("reload: certificates not changed, the node keeps its running ones: %s", exc)
@@ -438,8 +458,12 @@ class Daemon:
             self.gossiper.stop.set()
             raise rounds_task.exception()  # type: ignore[misc]
         if not self._drain_requested.is_set():
-            log.info("all rounds done: still serving peers until drained", extra={"round": ctx.committed_round})
-            await self._drain_requested.wait()
+            if self.exit_when_done:
+                log.info("all rounds done: draining and exiting (--exit-when-done)",
+                         extra={"round": ctx.committed_round})
+            else:
+                log.info("all rounds done: still serving peers until drained", extra={"round": ctx.committed_round})
+                await self._drain_requested.wait()
         ctx.phase = Phase.DRAINING
         if self.notifier is not None:
             self.notifier.stopping(self.status_text())

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fednode.errors import ProtocolError, Reason
+from fednode.learning.compress import decompress
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
 from fednode.security.pki import NodeIdentity, TrustStore
 from fednode.store.atomic import sha256_file
@@ -41,6 +42,7 @@ class ReceivedUpdate:
     tensors: dict[str, torch.Tensor]
     nbytes: int
     level: int = 0
+    certificate_der: bytes = b""  # the sender's, as verified on arrival (a later revocation drops it)
 
 
 async def _sealed_stream(sealer: EnvelopeSealer, pieces, first_chunk: int = 0) -> AsyncIterator[pb.Chunk]:
@@ -52,9 +54,11 @@ async def _sealed_stream(sealer: EnvelopeSealer, pieces, first_chunk: int = 0) -
 
 async def push_update(transport: Transport, identity: NodeIdentity, to: Recipient, tensors: dict[str, torch.Tensor],
                       *, epoch: int, round_: int, weight: float, chunk_size: int, timeout: float,
-                      level: int = 0) -> int:
-    """Seal `tensors` for one recipient and stream them; returns payload bytes sent."""
-    encoded = encode(tensors, {"round": str(round_), "sender": identity.node_id})
+                      level: int = 0, metadata: dict[str, str] | None = None) -> int:
+    """Seal `tensors` for one recipient and stream them; returns payload bytes sent.
+
+    `metadata` travels in the payload header (the codec of `fednode.learning.compress`)."""
+    encoded = encode(tensors, {**(metadata or {}), "round": str(round_), "sender": identity.node_id})
     sealer = EnvelopeSealer(sender=identity, recipient_id=to.node_id, recipient_public_key=to.payload_public_key,
                             kind="update", epoch=epoch, round=round_, total_size=encoded.total_size,
                             chunk_size=chunk_size, weight=weight, level=level)
@@ -80,9 +84,10 @@ async def receive_update(opener: EnvelopeOpener, chunks: AsyncIterator[pb.Chunk]
         offset = chunk.index * size
         opener.open_into(chunk.index, chunk.data, chunk.last, view[offset:offset + size])
     opener.finish()
-    tensors, _ = decode(buffer)
+    tensors, metadata = decode(buffer)
+    tensors = decompress(tensors, metadata)
     return ReceivedUpdate(header.sender_id, header.epoch, header.round, header.weight, tensors, header.total_size,
-                          header.level)
+                          header.level, bytes(opener.certificate_der))
 
 
 async def serve_state(identity: NodeIdentity, to: Recipient, path: Path, *, sha256: str, round_: int, epoch: int,
@@ -129,49 +134,90 @@ async def fetch_state(transport: Transport, sources: list[Recipient], *, request
                       attempts: int = 6) -> FetchedState:
     """Pull the newest state from `sources`, resuming by chunk after every failure.
 
-    Raises the last PeerCallError/ProtocolError when no source could complete it."""
+    `timeout` bounds the whole fetch (every attempt and the final hash check together), and
+    `max_payload` the state's announced size. Raises the last PeerCallError/ProtocolError when no
+    source could complete it (ProtocolError(TRUNCATED) when the deadline passed)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     sha, next_chunk, total_written = "", 0, 0
     part: Path | None = None
     last_error: Exception | None = None
     for attempt in range(attempts):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
         source = sources[attempt % len(sources)]
-        request = pb.StateRequest(requester_id=requester, min_round=min_round, from_chunk=next_chunk,
-                                  content_sha256=sha)
         try:
-            stream = transport.fetch(source.address, request, timeout)
-            first = await anext(stream)
-            if not first.HasField("start"):
-                raise ProtocolError(Reason.MALFORMED, "state stream did not start with an envelope")
-            opener = open_envelope(first.start, trust=trust, node_id=requester, key=key,
-                                   max_payload=max_payload, kind="state")
-            header = opener.header
-            if header.content_sha256 != sha or header.first_chunk != next_chunk:
-                sha, next_chunk, total_written = header.content_sha256, 0, 0  # a different state: start over
-                if header.first_chunk != 0:
-                    continue
-            part = dest_dir / f"state-{sha[:16]}.part"
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                async for chunk in stream:
-                    data = opener.open(chunk.index, chunk.data, chunk.last)
-                    os.pwrite(fd, data, chunk.index * header.chunk_size)
-                    next_chunk = chunk.index + 1
-                    total_written += len(data)
-                opener.finish()
-                os.ftruncate(fd, header.total_size)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            actual = await asyncio.to_thread(sha256_file, part)
-            if actual != sha:
-                part.unlink(missing_ok=True)
-                sha, next_chunk = "", 0
-                raise ProtocolError(Reason.TAMPERED, f"state from {source.node_id} has sha256 {actual}, "
-                                                     f"announced {header.content_sha256}")
-            return FetchedState(part, sha, header.round, header.epoch, header.sender_id, total_written)
+            async with asyncio.timeout(remaining):
+                result = await _fetch_once(transport, source, requester=requester, trust=trust, key=key,
+                                           dest_dir=dest_dir, min_round=min_round, max_payload=max_payload,
+                                           timeout=remaining, resume=(sha, next_chunk, total_written))
+        except TimeoutError:
+            last_error = ProtocolError(Reason.TRUNCATED, f"state from {source.node_id} did not arrive within "
+                                                         f"the fetch deadline ({timeout:g} s)")
+            break
         except (PeerCallError, ProtocolError) as exc:
             last_error = exc
-            await asyncio.sleep(min(0.2 * (attempt + 1), 1.0))
-    assert last_error is not None
+            progress = getattr(exc, "progress", None)
+            if progress is not None:
+                sha, next_chunk, total_written = progress
+            await asyncio.sleep(min(0.2 * (attempt + 1), 1.0, max(0.0, deadline - loop.time())))
+            continue
+        if isinstance(result, tuple):  # a different state than the one being resumed: start over
+            sha, next_chunk, total_written = result
+            continue
+        return result
+    if sha:
+        part = dest_dir / f"state-{sha[:16]}.part"
+        part.unlink(missing_ok=True)
+    if last_error is None:
+        last_error = ProtocolError(Reason.TRUNCATED, f"no state arrived within the fetch deadline ({timeout:g} s)")
     raise last_error
+
+
+async def _fetch_once(transport: Transport, source: Recipient, *, requester: str, trust: TrustStore,
+                      key: PayloadKey, dest_dir: Path, min_round: int, max_payload: int, timeout: float,
+                      resume: tuple[str, int, int]) -> FetchedState | tuple[str, int, int]:
+    """One FetchState call. Returns the state, or the (sha, next chunk, bytes) to restart from; a
+    failure carries how far it got in `exc.progress`."""
+    sha, next_chunk, total_written = resume
+    request = pb.StateRequest(requester_id=requester, min_round=min_round, from_chunk=next_chunk,
+                              content_sha256=sha)
+    try:
+        stream = transport.fetch(source.address, request, timeout)
+        first = await anext(stream)
+        if not first.HasField("start"):
+            raise ProtocolError(Reason.MALFORMED, "state stream did not start with an envelope")
+        opener = open_envelope(first.start, trust=trust, node_id=requester, key=key,
+                               max_payload=max_payload, kind="state")
+        header = opener.header
+        if header.content_sha256 != sha or header.first_chunk != next_chunk:
+            sha, next_chunk, total_written = header.content_sha256, 0, 0  # a different state: start over
+            if header.first_chunk != 0:
+                return sha, next_chunk, total_written
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ProtocolError(Reason.MALFORMED, f"state from {source.node_id} announces sha256 {sha[:70]!r}")
+        part = dest_dir / f"state-{sha[:16]}.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            async for chunk in stream:
+                data = opener.open(chunk.index, chunk.data, chunk.last)
+                os.pwrite(fd, data, chunk.index * header.chunk_size)
+                next_chunk = chunk.index + 1
+                total_written += len(data)
+            opener.finish()
+            os.ftruncate(fd, header.total_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        actual = await asyncio.to_thread(sha256_file, part)
+        if actual != sha:
+            part.unlink(missing_ok=True)
+            sha, next_chunk, total_written = "", 0, 0
+            raise ProtocolError(Reason.TAMPERED, f"state from {source.node_id} has sha256 {actual}, "
+                                                 f"announced {header.content_sha256}")
+        return FetchedState(part, sha, header.round, header.epoch, header.sender_id, total_written)
+    except (PeerCallError, ProtocolError) as exc:
+        exc.progress = (sha, next_chunk, total_written)  # type: ignore[attr-defined]
+        raise

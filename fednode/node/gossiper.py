@@ -9,6 +9,7 @@ import random
 
 from fednode.errors import reason_name
 from fednode.node.context import NodeContext
+from fednode.security.signed import sign_farewell
 from fednode.transport.base import PeerCallError
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Gossiper:
     async def say_goodbye(self) -> None:
         """Tell a few peers we are leaving so they stop waiting for us at once."""
         ctx = self.ctx
-        ctx.membership.leave()
+        ctx.membership.leave(sign_farewell(ctx.identity, ctx.own_body.incarnation))
         targets = ctx.membership.gossip_targets(max(3, ctx.cfg.mesh.fanout), self.rng)
         await asyncio.gather(*(self.exchange(m.address) for m in targets))
 

@@ -10,58 +10,48 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from fednode import PROTOCOL_VERSION, __version__
 from fednode.config import Config
 from fednode.errors import ProtocolError, Reason
-from fednode.learning import curriculum, messenger, probe, weighting
-from fednode.learning.aggregate import fedavg, validate_update
+from fednode.learning import curriculum, messenger, probe, public, weighting
+from fednode.learning.aggregate import validate_update
 from fednode.learning.data import TokenDataset
+from fednode.learning.device import Placement
 from fednode.learning.distill import MutualTrainer
+from fednode.learning.merge import MAX_UPDATE_NORM, Contribution, keep_or_restore, weighted_merge
 from fednode.learning.models import build_model, family_hash, load_state_tensors, resolve_preset, state_tensors
+from fednode.learning.optim_state import load_optimizer_tensors, model_tensors, optimizer_tensors
 from fednode.learning.tokenizer import build_tokenizer, tokenizer_hash
 from fednode.learning.trainer import LocalTrainer, TrainResult, evaluate
 from fednode.mesh.negotiation import ceiling_from_budget
 
 
 @dataclass(frozen=True)
-class Contribution:
-    sender: str
-    tensors: dict[str, torch.Tensor]
-    weight: float  # tokens the sender trained on
-
-
-def policy_weights(policy: str, own: str, contributions: list[Contribution], own_tokens: float,
-                   peer_losses: dict[str, float], q: float, influence=None) -> dict[str, float]:
-    """Aggregation weight per node id (own included) under a policy (fednode.learning.weighting)."""
-    tokens = {own: own_tokens, **{c.sender: c.weight for c in contributions}}
-    if policy == "uniform":
-        return weighting.uniform(tokens)
-    if policy == "data-size":
-        return weighting.data_size({k: max(int(v), 1) for k, v in tokens.items()})
-    if policy == "qffl":
-        losses = {k: peer_losses.get(k, math.nan) for k in tokens}
-        known = {k: v for k, v in losses.items() if math.isfinite(v) and v > 0}
-        if len(known) < len(losses):  # no loss reported yet for someone: fall back to data size
-            return weighting.data_size({k: max(int(v), 1) for k, v in tokens.items()})
-        return weighting.q_ffl(known, q, base=weighting.data_size({k: max(int(v), 1) for k, v in tokens.items()}))
-    if policy == "fairness":
-        assert influence is not None
-        peers = {c.sender: influence[c.sender] for c in contributions}
-        peer_w = weighting.fairness_aware(peers, {c.sender: max(int(c.weight), 1) for c in contributions})
-        share = 1.0 / (len(contributions) + 1)  # own state keeps a uniform share
-        return {own: share, **{k: v * (1 - share) for k, v in peer_w.items()}}
-    raise ValueError(f"unknown weighting policy {policy!r}")
-
-
-@dataclass(frozen=True)
 class LearnerInfo:
     tokenizer_hash: str
     family_hash: str
+    model_config: str = ""  # the private model's transformers config as JSON (checkpoint metadata)
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What a peer's update may be, as this node's learner defines it: the shapes of the largest
+    update (the family's top level: what the receive limit is sized from, whatever the level now)
+    and the dtypes of the shared state (an integer tensor of the right shape would stop a merge)."""
+
+    largest_shapes: tuple[tuple[int, ...], ...]
+    dtypes: frozenset[torch.dtype]
+
+
+def spec_of(largest: Iterable[tuple[int, ...]], shared: dict[str, torch.Tensor]) -> UpdateSpec:
+    return UpdateSpec(tuple(tuple(s) for s in largest), frozenset(t.dtype for t in shared.values()))
 
 
 class Learner(Protocol):
@@ -82,6 +72,8 @@ class Learner(Protocol):
 
     def validate(self, tensors: dict[str, torch.Tensor], level: int) -> None: ...
 
+    def update_spec(self) -> UpdateSpec: ...
+
     def merge(self, contributions: list[Contribution], peer_losses: dict[str, float]) -> float: ...
 
     def adopt_shared(self, tensors: dict[str, torch.Tensor], level: int) -> None: ...
@@ -94,6 +86,12 @@ class Learner(Protocol):
 
 
 PRETRAINED = ("smollm2-135m", "local")
+
+
+def family_digest(family: str, *parts: str) -> str:
+    """What the handshake compares as `family_hash`: the messenger family's kind and its parts
+    (ladder or model hash, public set hash), so a mesh never mixes families or public sets."""
+    return hashlib.sha256("\0".join((family, *parts)).encode()).hexdigest()
 
 
 def load_private_model(cfg: Config):
@@ -112,6 +110,30 @@ def load_private_model(cfg: Config):
     tok = build_tokenizer(Path(cfg.tokenizer_cache), vocab_size=cfg.model.vocab_size)
     preset = resolve_preset(cfg.model.preset)
     return build_model(preset, tok, seed=cfg.model.seed), tok, family_hash(preset)
+
+
+def site_dataset(cfg: Config, tokenizer) -> TokenDataset:
+    """The site's own code as token blocks with its held-out split ([data] keys, model seed)."""
+    d = cfg.data
+    return TokenDataset.from_dir(d.dir, tokenizer, seq_len=d.seq_len, max_tokens=d.max_tokens, seed=cfg.model.seed,
+                                 include=d.include, exclude=d.exclude, languages=d.languages,
+                                 max_file_kib=d.max_file_kib)
+
+
+def model_config_json(model) -> str:
+    config = getattr(model, "config", None)
+    return config.to_json_string(use_diff=False) if config is not None else ""
+
+
+def checkpoint_metadata(cfg: Config, learner: Learner, round_: int, epoch: int) -> dict[str, str]:
+    """What a checkpoint says about itself (fednode export and restores check it against the config
+    they are given): what wrote it, the model and tokenizer it fits, and where in training it is."""
+    return {"round": str(round_), "epoch": str(epoch), "node": cfg.node.name, "mode": learner.mode,
+            "level": str(learner.level), "top_level": str(learner.top_level), "family": cfg.learning.family,
+            "ladder": cfg.learning.ladder, "preset": cfg.model.preset, "model_path": str(cfg.model.path or ""),
+            "tokenizer_hash": learner.info.tokenizer_hash, "family_hash": learner.info.family_hash,
+            "model_config": learner.info.model_config, "fednode_version": __version__,
+            "protocol": str(PROTOCOL_VERSION)}
 
 
 def messenger_ladder(cfg: Config, private) -> messenger.Ladder:
@@ -142,10 +164,10 @@ class LocalModelLearner:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
         self.model, self.tokenizer, family = load_private_model(cfg)
-        self.dataset = TokenDataset.from_dir(cfg.data.dir, self.tokenizer, seq_len=cfg.data.seq_len,
-                                             max_tokens=cfg.data.max_tokens, seed=cfg.model.seed)
-        self.trainer = LocalTrainer(self.model, lr=cfg.train.lr, seed=cfg.model.seed)
-        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family)
+        self.dataset = site_dataset(cfg, self.tokenizer)
+        self.trainer = LocalTrainer(self.model, lr=cfg.train.lr, seed=cfg.model.seed,
+                                    placement=Placement.from_config(cfg))
+        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family, model_config_json(self.model))
         self._tokens_last_round = 0
 
     def train_round(self, round_: int) -> TrainResult:
@@ -169,44 +191,35 @@ class LocalModelLearner:
                                                                  self.shared_state().items()}:
             raise ProtocolError(Reason.SHAPE_MISMATCH, "a whole-model update must match the model exactly")
 
+    def update_spec(self) -> UpdateSpec:
+        shared = self.shared_state()
+        return spec_of((tuple(t.shape) for t in shared.values()), shared)
+
     def merge(self, contributions: list[Contribution], peer_losses: dict[str, float]) -> float:
         """FedAvg own state with what arrived; returns the held-out loss after merging."""
         heldout = self.dataset.heldout_batches(self.cfg.train.batch_size)
-        merged = _weighted_merge(self.cfg, self.cfg.node.name, self.shared_state(), self.weight(), contributions,
-                                 peer_losses, lambda: weighting.state_evaluator(self.model, heldout))
+        own = self.shared_state()
+        before = evaluate(self.model, heldout) if contributions else math.nan
+        merged = weighted_merge(self.cfg, self.cfg.node.name, own, self.weight(), contributions,
+                                peer_losses, lambda: weighting.state_evaluator(self.model, heldout))
         load_state_tensors(self.model, merged)
         self.last_shared_loss = evaluate(self.model, heldout)
+        keep_or_restore(before, self.last_shared_loss, self.cfg.learning.merge_loss_jump, contributions,
+                        lambda: load_state_tensors(self.model, own))
         return self.last_shared_loss
 
     def adopt_shared(self, tensors: dict[str, torch.Tensor], level: int) -> None:
         load_state_tensors(self.model, tensors)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return state_tensors(self.model)
+        return {**state_tensors(self.model), **optimizer_tensors("model", self.model, self.trainer.optimizer)}
 
     def restore(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        load_state_tensors(self.model, tensors)
+        load_state_tensors(self.model, model_tensors(tensors))
+        load_optimizer_tensors("model", self.model, self.trainer.optimizer, tensors)
 
     def probe_signature(self) -> bytes:
         return b""
-
-
-MAX_UPDATE_NORM = 1e6
-
-
-def _weighted_merge(cfg: Config, own: str, own_state, own_tokens: float, contributions: list[Contribution],
-                    peer_losses: dict[str, float], evaluator_factory) -> dict[str, torch.Tensor]:
-    if not contributions:
-        return own_state
-    policy = cfg.learning.weighting
-    influence = None
-    if policy == "fairness":
-        influence = weighting.measure_influence(evaluator_factory(), own_state,
-                                                {c.sender: c.tensors for c in contributions},
-                                                {c.sender: max(c.weight, 1.0) for c in contributions},
-                                                own_weight=max(own_tokens, 1.0))
-    weights = policy_weights(policy, own, contributions, own_tokens, peer_losses, cfg.learning.qffl_q, influence)
-    return fedavg([(own_state, weights[own]), *[(c.tensors, weights[c.sender]) for c in contributions]])
 
 
 class MessengerLearner:
@@ -225,16 +238,21 @@ class MessengerLearner:
         start = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
         self.level = start
         model = messenger.build_messenger(self.ladder, start, self.tokenizer, seed=cfg.model.seed)
-        alpha = cfg.learning.distill_alpha or None
-        self.trainer = MutualTrainer(self.private, model, lr_private=cfg.train.lr,
-                                     lr_messenger=cfg.learning.lr_messenger, alpha=alpha)
-        self.dataset = TokenDataset.from_dir(cfg.data.dir, self.tokenizer, seq_len=cfg.data.seq_len,
-                                             max_tokens=cfg.data.max_tokens, seed=cfg.model.seed)
+        lrn = cfg.learning
+        self.trainer = MutualTrainer(self.private, model, lr_private=cfg.train.lr, lr_messenger=lrn.lr_messenger,
+                                     alpha=lrn.distill_alpha, weight=lrn.distill_weight,
+                                     temperature=lrn.distill_temperature, teacher=lrn.teacher,
+                                     placement=Placement.from_config(cfg))
+        self.public = public.public_blocks(self.tokenizer, cfg.data.seq_len) if lrn.public_steps else None
+        self.growth_seed = 0  # the committed agreement's seed (set_level), also used by catch-up growth
+        self.dataset = site_dataset(cfg, self.tokenizer)
         self.buckets = curriculum.bucketize(curriculum.difficulty_scores(self.dataset.train_blocks, "ast",
                                                                          tokenizer=self.tokenizer),
                                             cfg.learning.curriculum_buckets)
         self.probe = probe.probe_blocks(self.tokenizer)
-        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), messenger.ladder_hash(self.ladder))
+        self.info = LearnerInfo(tokenizer_hash(self.tokenizer),
+                                family_digest("distilled", messenger.ladder_hash(self.ladder), public.public_hash()),
+                                model_config_json(self.private))
         self._tokens_last_round = 0
         self.last_shared_loss = math.nan
         self.last_result = None
@@ -250,7 +268,8 @@ class MessengerLearner:
         r = self.trainer.train(self.dataset, steps=self.cfg.train.steps_per_round,
                                batch_size=self.cfg.train.batch_size,
                                seed=self.cfg.model.seed * 1_000_003 + round_, batch_filter=sampler,
-                               eval_batch_size=self.cfg.train.batch_size)
+                               eval_batch_size=self.cfg.train.batch_size, public_blocks=self.public,
+                               public_steps=self.cfg.learning.public_steps)
         self.last_result = r
         self._tokens_last_round = r.tokens
         return TrainResult(loss_before=r.p_loss_before, loss_after=r.p_loss_after, steps=r.steps,
@@ -262,9 +281,12 @@ class MessengerLearner:
     def set_level(self, level: int, growth_seed: int) -> None:
         """Grow (function-preserving, seed-deterministic) or shrink (prefix slice) the messenger."""
         level = max(0, min(level, self.top_level))
+        self.growth_seed = growth_seed
         if level == self.level:
             return
-        if level > self.level:
+        if level > self.level:  # growth builds on the CPU; set_messenger places the grown model
+            placement = self.trainer.placement
+            placement.place(self.messenger, self.trainer.opt_messenger, torch.device("cpu"))
             model, optimizer = messenger.grow_model_and_optimizer(self.messenger, self.trainer.opt_messenger,
                                                                   self.ladder, level, growth_seed, self.tokenizer)
             self.trainer.set_messenger(model, optimizer)
@@ -289,13 +311,21 @@ class MessengerLearner:
                                                        f"{extra}, wrong shapes: {wrong})")
         validate_update(tensors, tensors, max_norm=MAX_UPDATE_NORM)
 
+    def update_spec(self) -> UpdateSpec:
+        return spec_of(messenger.level_shapes(self.ladder, self.top_level).values(), self.shared_state())
+
     def merge(self, contributions: list[Contribution], peer_losses: dict[str, float]) -> float:
         """Per-coordinate FedAvg of messengers at any levels, back to our own slice."""
         heldout = self.dataset.heldout_batches(self.cfg.train.batch_size)
-        merged = _weighted_merge(self.cfg, self.cfg.node.name, self.shared_state(), self.weight(), contributions,
-                                 peer_losses, lambda: weighting.state_evaluator(self.messenger, heldout))
+        own = self.shared_state()
+        before = evaluate(self.messenger, heldout) if contributions else math.nan
+        merged = weighted_merge(self.cfg, self.cfg.node.name, own, self.weight(), contributions,
+                                peer_losses, lambda: weighting.state_evaluator(self.messenger, heldout))
         load_state_tensors(self.messenger, messenger.slice_state(merged, self.ladder, self.level))
         self.last_shared_loss = evaluate(self.messenger, heldout)
+        keep_or_restore(before, self.last_shared_loss, self.cfg.learning.merge_loss_jump, contributions,
+                        lambda: load_state_tensors(self.messenger, own))
+        self.trainer.set_frozen_teacher(self.messenger)  # what the mesh knows now: P's teacher until the next merge
         return self.last_shared_loss
 
     def adopt_shared(self, tensors: dict[str, torch.Tensor], level: int) -> None:
@@ -303,12 +333,15 @@ class MessengerLearner:
         if level >= self.level:
             state = messenger.slice_state(tensors, self.ladder, self.level)
         else:
-            state = messenger.grow_state(tensors, self.ladder, level, self.level, growth_seed=0)
+            state = messenger.grow_state(tensors, self.ladder, level, self.level, growth_seed=self.growth_seed)
         load_state_tensors(self.messenger, state)
+        self.trainer.set_frozen_teacher(self.messenger)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         out = {f"private.{k}": v for k, v in state_tensors(self.private).items()}
         out.update({f"messenger.{k}": v for k, v in self.shared_state().items()})
+        out.update(optimizer_tensors("private", self.private, self.trainer.opt_private))
+        out.update(optimizer_tensors("messenger", self.messenger, self.trainer.opt_messenger))
         return out
 
     def restore(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -319,6 +352,9 @@ class MessengerLearner:
             self.trainer.set_messenger(model)
         load_state_tensors(self.private, {k[8:]: v for k, v in tensors.items() if k.startswith("private.")})
         load_state_tensors(self.messenger, {k[10:]: v for k, v in tensors.items() if k.startswith("messenger.")})
+        load_optimizer_tensors("private", self.private, self.trainer.opt_private, tensors)
+        load_optimizer_tensors("messenger", self.messenger, self.trainer.opt_messenger, tensors)
+        self.trainer.set_frozen_teacher(self.messenger)  # the checkpoint holds the merged messenger of its round
 
     def probe_signature(self) -> bytes:
         return probe.probe_signature(self.messenger, self.probe).to_bytes()
@@ -327,6 +363,10 @@ class MessengerLearner:
 def build_learner(cfg: Config) -> Learner:
     if cfg.learning.mode in ("fedavg", "local"):
         return LocalModelLearner(cfg)
+    if cfg.learning.family == "shared-prefix":
+        from fednode.node.prefix_learner import PrefixLearner  # imports this module
+
+        return PrefixLearner(cfg)
     return MessengerLearner(cfg)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 
+from fednode.config import FAMILY_GROWTH_SIGNAL, Config
 from fednode.errors import Reason
 from fednode.learning.probe import ProbeSignature, mean_pairwise_js
 from fednode.mesh import negotiation as neg
@@ -37,6 +38,12 @@ def proposal_from_pb(m: pb.Proposal) -> neg.Proposal:
                         growth_seed=m.growth_seed, direction=neg.Direction(m.direction or "grow"))
 
 
+def growth_signal(cfg: Config) -> str:
+    """[negotiation] growth_signal, with "auto" resolved by the messenger family."""
+    chosen = cfg.negotiation.growth_signal
+    return FAMILY_GROWTH_SIGNAL[cfg.learning.family] if chosen == "auto" else chosen
+
+
 class Negotiator:
     """Owned by the round loop: `level_for(round)` before training, `after_round(...)` after commit."""
 
@@ -48,7 +55,7 @@ class Negotiator:
         self.params = neg.Params(max_level=max_level, plateau_window=cfg.plateau_window,
                                  plateau_theta=cfg.plateau_theta, quorum=cfg.quorum, js_threshold=cfg.js_threshold,
                                  activation_delay=cfg.activation_delay, min_round_gap=cfg.min_round_gap,
-                                 min_live_peers=cfg.min_live_peers)
+                                 min_live_peers=cfg.min_live_peers, growth_signal=growth_signal(ctx.cfg))
         learning = ctx.cfg.learning  # static mode holds its configured level from the start
         start = min(learning.static_level, max_level) if learning.mode == "static" else 0
         self.committed = neg.Agreement.genesis(start)
@@ -57,6 +64,8 @@ class Negotiator:
         self.mesh_losses: list[float] = []
         self.seq = 0
         self.last_decision = "hold: starting"
+        self._last_js = math.nan
+        self.decisions: list[tuple[int, str, float]] = []  # (round, decision, mesh JS) per round, bounded
         self.quorum_level = 0
         self._refused: set[tuple[str, int]] = set()
         self.record = pb.NegotiationRecord()
@@ -135,12 +144,8 @@ class Negotiator:
         """Reconcile agreements heard by gossip, decide, and publish our signed record."""
         ctx = self.ctx
         records = self.peer_records()
-        for node_id, rec in records.items():  # the highest committed epoch wins (partitions heal)
-            if rec.HasField("committed"):
-                heard = agreement_from_pb(rec.committed)
-                if heard.epoch > self.committed.epoch and self._plausible(heard, node_id):
-                    self._adopt(heard, f"heard from {node_id}")
         live = {m.node_id for m in ctx.membership.live()}
+        self._adopt_proven(records, live)
         losses = [own_loss] + [r.messenger_loss for n, r in records.items() if n in live]
         finite = [x for x in losses if math.isfinite(x)]
         self.mesh_losses.append(sum(finite) / len(finite) if finite else math.nan)
@@ -150,7 +155,34 @@ class Negotiator:
                                            probe_signature=signature, tokens=tokens)
         if self.enabled:
             self._decide(round_)
+            # what the benchmark reports next to the level: why the mesh grew, or held, each round
+            self.decisions.append((round_, self.last_decision, self._last_js))
+            self.decisions = self.decisions[-256:]
         self.publish(round_)
+
+    def _adopt_proven(self, records: dict[str, pb.NegotiationRecord], live: set[str]) -> None:
+        """The highest newer agreement a quorum of live members signed wins (partitions heal); a newer
+        one without that proof is refused (UNPROVEN_AGREEMENT, counted once per claimer and epoch)."""
+        claims = {}
+        for node_id, rec in records.items():
+            if node_id in live and rec.HasField("committed"):
+                heard = agreement_from_pb(rec.committed)
+                if heard.epoch > self.committed.epoch and self._plausible(heard, node_id):
+                    claims[node_id] = heard
+        if not claims:
+            return
+        acks = {node_id: proposal_from_pb(rec.ack) for node_id, rec in records.items()
+                if node_id in live and rec.HasField("ack")}
+        proven = neg.proven_agreement(self.committed, claims, live, self.params.quorum, own_ack=self.ack,
+                                      self_id=self.ctx.node_id, peer_acks=acks)
+        for node_id, agreement in proven.unproven:
+            if proven.agreement is None or agreement.epoch > proven.agreement.epoch:
+                self._count_refusal(node_id, agreement.epoch, Reason.Name(Reason.UNPROVEN_AGREEMENT),
+                                    f"{node_id!r} claims epoch {agreement.epoch} level {agreement.level} committed, "
+                                    f"but fewer than a quorum of live members sign it")
+        if proven.agreement is not None:
+            supporters = sorted(n for n, a in claims.items() if neg.commit_key(a) == neg.commit_key(proven.agreement))
+            self._adopt(proven.agreement, f"proven by {','.join(supporters)}")
 
     def _plausible(self, a: neg.Agreement, source: str) -> bool:
         ok = 0 <= a.level <= self.params.max_level and a.growth_seed == neg.growth_seed(a.epoch, a.level)
@@ -162,6 +194,7 @@ class Negotiator:
 
     def _decide(self, round_: int) -> None:
         view = self.view(round_)
+        self._last_js = view.js_divergence if view.js_divergence is not None else math.nan
         self.quorum_level = min(neg.quorum_level(view.peers, self.params.quorum), self.params.max_level)
         if view.open_proposal is not None and view.open_proposal.proposer != self.ctx.node_id:
             try:
@@ -174,7 +207,7 @@ class Negotiator:
             self.proposal = decision.proposal
             self.last_decision = f"propose {decision.proposal.direction.value} to level {decision.proposal.level}"
             log.info("proposing capacity change", extra={"epoch": decision.proposal.epoch,
-                                                         "level": decision.proposal.level, "round": round_})
+                                                         "messenger_level": decision.proposal.level, "round": round_})
         elif isinstance(decision, neg.AckProposal):
             proposal = view.open_proposal
             assert proposal is not None
@@ -204,7 +237,8 @@ class Negotiator:
         self.ctx.journal.record_epoch(self.committed.epoch, self.committed.level, "committed", detail_json=detail)
         self.ctx.journal.set_meta("agreement", detail)
         self.last_decision = f"committed epoch {self.committed.epoch} level {self.committed.level} ({why})"
-        log.info("capacity agreement committed", extra={"epoch": self.committed.epoch, "level": self.committed.level,
+        log.info("capacity agreement committed", extra={"epoch": self.committed.epoch,
+                                                        "messenger_level": self.committed.level,
                                                         "activate_round": self.committed.activate_round,
                                                         "why": why})
 

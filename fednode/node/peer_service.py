@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,12 +20,16 @@ from fednode.errors import ProtocolError, Reason, reason_name
 from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
 from fednode.node.inbox import Admission
+from fednode.security import bounds
 from fednode.security.hello import check_compatible, verify_hello
 from fednode.security.revocation import RevokedCertificate
 from fednode.store.atomic import sha256_file
 from fednode.store.checkpoint import shared_name
 from fednode.transport.base import Caller
 from fednode.v1 import peer_pb2 as pb
+
+if TYPE_CHECKING:  # the learners import torch models: a bare receiver (fednode-bench) does not need them
+    from fednode.node.learner import UpdateSpec
 
 log = logging.getLogger(__name__)
 REVOKED_LOG_EVERY_S = 60.0
@@ -69,6 +74,14 @@ GOSSIP_RATE_PER_S = 20.0  # per caller; an honest peer calls at most ~2 times pe
 GOSSIP_RATE_HEADROOM = 10.0  # the limit is at least this many calls per (own) gossip interval
 MAX_PUSHES_PER_CALLER = 4  # concurrent PushMessenger streams per caller (an honest one has 1)
 PUSH_TIME_SLACK_S = 5.0  # a push may stream for 2 x round_timeout_s + this, then it is cut
+MAX_FETCHES_PER_CALLER = 2  # concurrent FetchState streams per caller (an honest one has 1)
+FETCH_BURST = 8  # FetchState calls a caller may make at once: one catch-up with its resumes (6 attempts)
+
+
+def fetch_limiter(round_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
+    """FetchState calls per caller: a burst of one catch-up's attempts, refilled over two rounds' deadlines
+    (an honest node catches up at most once every `catchup_lag` rounds)."""
+    return RateLimiter(rate=FETCH_BURST / (2 * max(round_timeout_s, 1.0)), burst=FETCH_BURST, clock=clock)
 
 
 def gossip_limiter(gossip_interval_s: float, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
@@ -103,28 +116,19 @@ def check_dtypes(tensors: dict[str, torch.Tensor], allowed: frozenset[torch.dtyp
                                                        f"uses {names}: send the model's own dtype")
 
 
-def largest_update_shapes(learner: object) -> list[tuple[int, ...]] | None:
-    """Shapes of the largest update a peer may send: the top level's slice for a messenger learner,
-    the shared state otherwise; None when the learner cannot tell (then only max_payload bounds it)."""
-    ladder, top = getattr(learner, "ladder", None), getattr(learner, "top_level", None)
-    if ladder is not None and top is not None:
-        from fednode.learning.messenger import level_shapes
-
-        return list(level_shapes(ladder, top).values())
-    shared = getattr(learner, "shared_state", None)
-    if shared is None:
-        return None
-    return [tuple(t.shape) for t in shared().values()]
-
-
 class PeerService:
-    def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor], int], None]):
+    def __init__(self, ctx: NodeContext, validate: Callable[[dict[str, torch.Tensor], int], None],
+                 spec: UpdateSpec | None = None):
+        """`validate` and `spec` are the learner's (`learner.validate`, `learner.update_spec()`); with
+        no spec (a bare receiver) updates are bounded by [limits] max_payload_mib and floating dtypes."""
         self.ctx = ctx
         self.validate = validate
+        self.spec = spec
         self.gossip_limit = gossip_limiter(ctx.cfg.mesh.gossip_interval_s)
         self._pushes: dict[str, int] = {}  # caller -> PushMessenger streams in flight
-        self._update_limit: int | None = None  # bytes; computed once the learner is known
-        self._dtypes: frozenset[torch.dtype] | None = None  # what the shared state is made of
+        self.fetch_limit = fetch_limiter(ctx.cfg.train.round_timeout_s)
+        self._limits_for = (ctx.cfg.mesh.gossip_interval_s, ctx.cfg.train.round_timeout_s)
+        self._fetches: dict[str, int] = {}  # caller -> FetchState streams in flight
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
         self._quiet_logged: dict[tuple[str, int], float] = {}  # (caller, reason) -> when last logged
 
@@ -200,36 +204,52 @@ class PeerService:
             if not self._pushes[who]:
                 del self._pushes[who]
 
-    def _learner(self) -> object | None:
-        return self.ctx.learner or getattr(self.validate, "__self__", None)
+    def _follow_reload(self) -> None:
+        """The limits are sized from reloadable keys: a reload that makes the mesh gossip faster
+        must not leave the node throttling its own members with the old limit."""
+        now = (self.ctx.cfg.mesh.gossip_interval_s, self.ctx.cfg.train.round_timeout_s)
+        if now != self._limits_for:
+            self.gossip_limit, self.fetch_limit = gossip_limiter(now[0]), fetch_limiter(now[1])
+            self._limits_for = now
 
     def update_dtypes(self) -> frozenset[torch.dtype]:
         """Dtypes an update may hold: those of this node's shared state (floating ones if unknown)."""
-        if self._dtypes is None:
-            shared = getattr(self._learner(), "shared_state", None)
-            if shared is None:
-                return FLOATING
-            self._dtypes = frozenset(t.dtype for t in shared().values()) & FLOATING or FLOATING
-        return self._dtypes
+        return (self.spec.dtypes & FLOATING or FLOATING) if self.spec is not None else FLOATING
 
     def update_limit(self) -> int:
         """The largest total_size an update may announce here (bytes)."""
-        if self._update_limit is None:
-            learner = self._learner()
-            shapes = largest_update_shapes(learner) if learner is not None else None
-            if shapes is None:
-                return self.ctx.max_payload
-            self._update_limit = update_size_limit(shapes)
-        return min(self.ctx.max_payload, self._update_limit)  # [limits] max_payload_mib may be reloaded
+        if self.spec is None:
+            return self.ctx.max_payload
+        return min(self.ctx.max_payload, update_size_limit(self.spec.largest_shapes))  # max_payload_mib reloads
 
     async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
         try:
             self._check_caller(caller)
-            async for chunk in self._fetch(request, caller):
-                yield chunk
+            with self._fetch_slot(caller):
+                async for chunk in self._fetch(request, caller):
+                    yield chunk
         except ProtocolError as exc:
             self.refused(exc, caller)
             raise
+
+    @contextlib.contextmanager
+    def _fetch_slot(self, caller: Caller) -> Iterator[None]:
+        """FetchState per caller: a token bucket (fetch_limiter) and MAX_FETCHES_PER_CALLER at once.
+        Each fetch reads and seals a whole state, so a loop of them would cost every other peer."""
+        who = caller.node_id or "?"
+        self._follow_reload()
+        if self._fetches.get(who, 0) >= MAX_FETCHES_PER_CALLER or not self.fetch_limit.allow(who):
+            self.ctx.metrics.rate_limited.labels("FetchState", who).inc()
+            raise ProtocolError(Reason.RATE_LIMITED, f"too many state fetches from {who} (at most "
+                                                     f"{MAX_FETCHES_PER_CALLER} at once, {FETCH_BURST} per "
+                                                     f"{FETCH_BURST / self.fetch_limit.rate:g} s): catch up less often")
+        self._fetches[who] = self._fetches.get(who, 0) + 1
+        try:
+            yield
+        finally:
+            self._fetches[who] -= 1
+            if not self._fetches[who]:
+                del self._fetches[who]
 
     async def _handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         body = verify_hello(self.ctx.trust, hello)
@@ -242,6 +262,7 @@ class PeerService:
 
     async def _gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         who = caller.node_id or "?"
+        self._follow_reload()
         if not self.gossip_limit.allow(who):
             self.ctx.metrics.rate_limited.labels("Gossip", who).inc()
             raise ProtocolError(Reason.RATE_LIMITED, f"too many gossip calls from {who} (more than "
@@ -259,6 +280,7 @@ class PeerService:
         opener = open_envelope(start, trust=ctx.trust, node_id=ctx.node_id, key=ctx.payload_key,
                                max_payload=self.update_limit(), kind="update")
         header = opener.header
+        bounds.check_weight(header.weight, who=header.sender_id)
         admission = ctx.inbox.check(header.round)
         if admission is Admission.STALE:
             raise ProtocolError(Reason.STALE_ROUND, f"round {header.round} is too old (open round "
@@ -278,8 +300,7 @@ class PeerService:
                                                   f"the sender must push faster or smaller updates") from None
         self.validate(update.tensors, update.level)
         check_dtypes(update.tensors, self.update_dtypes())
-        if update.weight <= 0 or update.weight != update.weight or update.weight == float("inf"):
-            raise ProtocolError(Reason.MALFORMED, f"aggregation weight {update.weight} is not a positive number")
+        self._check_caller(caller)  # revoked while it streamed: never reaches the inbox
         ctx.metrics.received(update.sender, update.nbytes, int(header.chunk_count))
         if await ctx.inbox.put(update) is not Admission.KEEP:  # the round moved on while it streamed
             raise ProtocolError(Reason.STALE_ROUND, f"round {header.round} closed while the update streamed")
@@ -291,6 +312,8 @@ class PeerService:
         if caller.node_id is not None and caller.node_id != request.requester_id:
             raise ProtocolError(Reason.BAD_CERTIFICATE, f"request names {request.requester_id!r} but the TLS peer "
                                                         f"is {caller.node_id!r}")
+        bounds.check_int("StateRequest min_round", request.min_round, bounds.MAX_ROUND, who=request.requester_id)
+        bounds.check_int("StateRequest from_chunk", request.from_chunk, bounds.MAX_CHUNKS, who=request.requester_id)
         member = ctx.membership.members.get(request.requester_id)
         if member is None:
             raise ProtocolError(Reason.UNKNOWN_PEER, f"{request.requester_id!r} is not a known member: "
@@ -313,5 +336,7 @@ class PeerService:
                                        epoch=record.epoch, first_chunk=request.from_chunk if resume else 0,
                                        chunk_size=ctx.chunk_size):
             sent += len(chunk.data)
+            if chunk.index % 16 == 15:
+                self._check_caller(caller)  # revoked mid-stream: stop serving it
             yield chunk
         ctx.metrics.sent(request.requester_id, sent, 0)

@@ -3,7 +3,19 @@ is a supported simulation mode)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `*_created` series (a timestamp per labelled counter) double the scrape for nothing an alert uses;
+# a library-wide switch, idempotent, set before the first registry exists
+disable_created_metrics()
 
 
 class NodeMetrics:
@@ -27,6 +39,17 @@ class NodeMetrics:
         self.loss = Gauge("fednode_loss", "Held-out loss", ["when"], registry=r)
         self.cert_expiry = Gauge("fednode_certificate_expiry_seconds", "Seconds until the node certificate "
                                  "expires", registry=r)
+        self.refused_input = Counter("fednode_refused_peer_input", "A peer's input refused where it is used "
+                                     "(catch-up state, merge contribution, negotiation record)",
+                                     ["stage", "peer", "reason"], registry=r)
+        self.contained_errors = Counter("fednode_contained_errors", "Unexpected errors in a round stage, "
+                                        "contained (the round goes on without that input)", ["stage"], registry=r)
+        self.last_commit = Gauge("fednode_last_commit_timestamp_seconds", "Unix time of the last committed round",
+                                 registry=r)
+        self.merged = Gauge("fednode_merged_updates", "Peer updates merged in the last round", registry=r)
+        self.tokens_per_s = Gauge("fednode_train_tokens_per_second", "Training tokens per second in the last "
+                                  "round", registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds
         # plain totals for the operator service (cheap to read, no label iteration)
         self.total_sent = 0
         self.total_received = 0
@@ -45,6 +68,20 @@ class NodeMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.total_rejected += 1
+
+    def refusals(self) -> dict[str, int]:
+        """Refused peer messages so far, by reason (what a benchmark reports beside its figures)."""
+        out: dict[str, int] = {}
+        for metric in self.rejected.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    out[sample.labels["reason"]] = int(sample.value)
+        return out
+
+    def refuse_input(self, stage: str, peer: str, reason: str) -> None:
+        """A peer's input refused at `stage` (counted under its reason in rejected_messages as well)."""
+        self.refused_input.labels(stage, peer, reason).inc()
+        self.reject(reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import DecodeError
 
 from fednode.errors import PkiError, ProtocolError, Reason
+from fednode.security import bounds
 from fednode.security.pki import NodeIdentity, TrustStore, _fsync_dir
 from fednode.v1 import peer_pb2
 
@@ -226,6 +227,7 @@ class EnvelopeOpener:
         self._aad = hashlib.sha256(start.header).digest()
         self._header = header
         self._sender_id = signer
+        self._certificate_der = bytes(start.sender_certificate_der)
         self._next = header.first_chunk
         self._last_index = header.chunk_count - 1
         self._done = False
@@ -235,6 +237,11 @@ class EnvelopeOpener:
         def malformed(detail: str) -> ProtocolError:
             return ProtocolError(Reason.MALFORMED, f"envelope from {signer}: {detail}")
 
+        who = signer or "?"
+        bounds.check_int("envelope epoch", header.epoch, bounds.MAX_EPOCH, who=who)
+        bounds.check_int("envelope round", header.round, bounds.MAX_ROUND, who=who)
+        bounds.check_int("envelope level", header.level, bounds.MAX_LEVEL, who=who)
+        bounds.check_int("envelope first_chunk", header.first_chunk, bounds.MAX_CHUNKS, who=who)
         if len(header.ephemeral_public_key) != KEY_BYTES:
             raise malformed(f"ephemeral key has {len(header.ephemeral_public_key)} bytes, expected "
                             f"{KEY_BYTES}: send a raw X25519 public key")
@@ -259,6 +266,11 @@ class EnvelopeOpener:
     @property
     def sender_id(self) -> str:
         return self._sender_id
+
+    @property
+    def certificate_der(self) -> bytes:
+        """The sender's certificate the header was verified with."""
+        return self._certificate_der
 
     @property
     def next_index(self) -> int:

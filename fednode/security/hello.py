@@ -9,6 +9,8 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from fednode.errors import PkiError, ProtocolError, Reason
+from fednode.security import bounds
+from fednode.security.heartbeat import PROOF_BYTES
 from fednode.security.pki import NodeIdentity, TrustStore
 from fednode.v1 import peer_pb2
 
@@ -39,6 +41,13 @@ def verify_hello(trust: TrustStore, hello: peer_pb2.SignedHello) -> peer_pb2.Hel
         raise ProtocolError(Reason.BAD_CERTIFICATE,
                             f"Hello claims node {body.node_id!r} but is signed by {signer!r}: a node may "
                             "only announce itself, under its own certificate")
+    bounds.check_int("hello incarnation", body.incarnation, bounds.MAX_INCARNATION, who=signer)
+    bounds.check_int("hello max_level", body.capabilities.max_level, bounds.MAX_LEVEL, who=signer)
+    bounds.check_int("hello heartbeat_base", body.heartbeat_base, bounds.MAX_HEARTBEAT, who=signer)
+    if len(body.heartbeat_anchor) != PROOF_BYTES:
+        raise ProtocolError(Reason.MALFORMED,
+                            f"Hello from {signer} has a {len(body.heartbeat_anchor)}-byte heartbeat anchor: it "
+                            f"must be the {PROOF_BYTES}-byte end of its heartbeat chain (fednode >= protocol 2)")
     if len(body.payload_public_key) != PAYLOAD_KEY_BYTES:
         raise ProtocolError(Reason.MALFORMED,
                             f"Hello from {signer} has a {len(body.payload_public_key)}-byte payload key: "

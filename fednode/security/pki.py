@@ -39,6 +39,7 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock differences between sites
+EXPIRY_WARN_DAYS = 30  # warn (daemon start, reload, twice a day; fednode check) when a cert expires sooner
 _SIG = ec.ECDSA(hashes.SHA256())
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fednode.errors import FednodeError, Reason, reason_name
 from fednode.v1 import peer_pb2 as pb
+
+if TYPE_CHECKING:
+    from fednode.security.pki import NodeIdentity
 
 REASON_METADATA_KEY = "fednode-reason"
 
@@ -78,6 +81,10 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def close(self, grace: float = 1.0) -> None: ...
+
+    def set_identity(self, identity: NodeIdentity) -> None:  # noqa: B027 - a default, not a stub
+        """Use a reloaded certificate from now on (new connections; open ones stay). Transports
+        without TLS (the in-memory twin) have nothing to swap."""
 
 
 def status_code_for(reason: int) -> str:

@@ -9,6 +9,8 @@ carries a fault hook it did not ask for.
 
 Plan keys (all optional):
   block            list of peer addresses every outgoing call to fails with UNAVAILABLE
+  block_fetch      list of peer addresses whose FetchState fails with UNAVAILABLE (gossip and
+                   pushes still flow: a donor that cannot serve its state)
   latency_ms       delay added before every outgoing call (and every pushed chunk)
   stall_after      a push stream stops sending after this many chunks and hangs until its deadline
   tamper           flip one bit in the ciphertext of every pushed chunk (a tampering peer)
@@ -35,7 +37,7 @@ from fednode.v1 import peer_pb2 as pb
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FEDNODE_FAULTS"
-_KEYS = {"block", "latency_ms", "stall_after", "tamper", "crash_at"}
+_KEYS = {"block", "block_fetch", "latency_ms", "stall_after", "tamper", "crash_at"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class FaultPlan:
     stall_after: int | None = None
     tamper: bool = False
     crash_at: frozenset[str] = frozenset()
+    block_fetch: frozenset[str] = frozenset()
 
     @classmethod
     def from_json(cls, text: str, source: str = "fault plan") -> FaultPlan:
@@ -61,6 +64,9 @@ class FaultPlan:
         block = raw.get("block", [])
         if not isinstance(block, list) or not all(isinstance(a, str) for a in block):
             raise ConfigError(f"{source}: block must be a list of peer addresses")
+        block_fetch = raw.get("block_fetch", [])
+        if not isinstance(block_fetch, list) or not all(isinstance(a, str) for a in block_fetch):
+            raise ConfigError(f"{source}: block_fetch must be a list of peer addresses")
         latency = raw.get("latency_ms", 0)
         if not isinstance(latency, int | float) or isinstance(latency, bool) or not 0 <= latency <= 600_000:
             raise ConfigError(f"{source}: latency_ms must be a number of milliseconds in [0, 600000]")
@@ -73,10 +79,11 @@ class FaultPlan:
         crash_at = raw.get("crash_at", [])
         if not isinstance(crash_at, list) or not all(isinstance(a, str) for a in crash_at):
             raise ConfigError(f"{source}: crash_at must be a list of crash point names")
-        return cls(frozenset(block), float(latency), stall, tamper, frozenset(crash_at))
+        return cls(frozenset(block), float(latency), stall, tamper, frozenset(crash_at), frozenset(block_fetch))
 
     def to_json(self) -> str:
-        return json.dumps({"block": sorted(self.block), "latency_ms": self.latency_ms,
+        return json.dumps({"block": sorted(self.block), "block_fetch": sorted(self.block_fetch),
+                           "latency_ms": self.latency_ms,
                            "stall_after": self.stall_after, "tamper": self.tamper,
                            "crash_at": sorted(self.crash_at)})
 
@@ -129,8 +136,11 @@ class FaultyTransport(Transport):
         self.inner = inner
         self.plan = plan
 
-    def __getattr__(self, name: str):  # set_identity, health, ...: the wrapped transport's
+    def __getattr__(self, name: str):  # health, ...: the wrapped transport's
         return getattr(self.inner, name)
+
+    def set_identity(self, identity) -> None:
+        self.inner.set_identity(identity)
 
     async def _before(self, address: str) -> FaultPlan:
         plan = self.plan()
@@ -167,7 +177,9 @@ class FaultyTransport(Transport):
         return await self.inner.push(address, faulty(), timeout)
 
     async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
-        await self._before(address)
+        plan = await self._before(address)
+        if address in plan.block_fetch:
+            raise PeerCallError(address, "UNAVAILABLE", 0, "state fetch cut by the fault plan")
         async for chunk in self.inner.fetch(address, request, timeout):
             yield chunk
 

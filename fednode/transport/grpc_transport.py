@@ -2,7 +2,8 @@
 
 The servicer follows the `rpc_*` convention: each RPC method is a thin adapter that turns the
 call into a `PeerHandler` call and a `ProtocolError` into a gRPC status with the machine-readable
-reason in trailing metadata. Health checking and server reflection are served alongside.
+reason in trailing metadata. Health checking is served alongside, server reflection when asked
+([mesh] reflection).
 """
 
 from __future__ import annotations
@@ -209,8 +210,9 @@ def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
 class GrpcTransport(Transport):
     """Client and server halves over one identity. Channels are cached per address."""
 
-    def __init__(self, identity: NodeIdentity):
+    def __init__(self, identity: NodeIdentity, *, reflection: bool = False):
         self.identity = identity
+        self.reflection = reflection  # off by default: it tells any member which services we run
         self._credentials = tls.channel_credentials(identity)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retired: set[grpc.aio.Channel] = set()
@@ -222,7 +224,8 @@ class GrpcTransport(Transport):
         server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         add_peer_servicer(PeerServicer(handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if self.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
             # new TLS handshakes ask for self.identity afresh: set_identity() swaps the certificate
             # without closing the listener or the connections already open

@@ -39,6 +39,9 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONFLICTING_PROPOSAL: _ClassVar[Reason]
     BAD_ACK: _ClassVar[Reason]
     DUPLICATE_ACK: _ClassVar[Reason]
+    UNPROVEN_AGREEMENT: _ClassVar[Reason]
+    LOSS_JUMP: _ClassVar[Reason]
+    DUPLICATE_IDENTITY: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 PROTOCOL_MISMATCH: Reason
 TOKENIZER_MISMATCH: Reason
@@ -69,6 +72,9 @@ TOO_SOON: Reason
 CONFLICTING_PROPOSAL: Reason
 BAD_ACK: Reason
 DUPLICATE_ACK: Reason
+UNPROVEN_AGREEMENT: Reason
+LOSS_JUMP: Reason
+DUPLICATE_IDENTITY: Reason
 
 class Capabilities(_message.Message):
     __slots__ = ("max_level", "step_time_s", "memory_bytes")
@@ -81,7 +87,7 @@ class Capabilities(_message.Message):
     def __init__(self, max_level: _Optional[int] = ..., step_time_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class HelloBody(_message.Message):
-    __slots__ = ("node_id", "protocol_version", "tokenizer_hash", "family_hash", "payload_public_key", "address", "incarnation", "capabilities", "issued_unix_ms")
+    __slots__ = ("node_id", "protocol_version", "tokenizer_hash", "family_hash", "payload_public_key", "address", "incarnation", "capabilities", "issued_unix_ms", "heartbeat_anchor", "heartbeat_base")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +97,8 @@ class HelloBody(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     ISSUED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_ANCHOR_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_BASE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     protocol_version: int
     tokenizer_hash: str
@@ -100,7 +108,9 @@ class HelloBody(_message.Message):
     incarnation: int
     capabilities: Capabilities
     issued_unix_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., tokenizer_hash: _Optional[str] = ..., family_hash: _Optional[str] = ..., payload_public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., issued_unix_ms: _Optional[int] = ...) -> None: ...
+    heartbeat_anchor: bytes
+    heartbeat_base: int
+    def __init__(self, node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., tokenizer_hash: _Optional[str] = ..., family_hash: _Optional[str] = ..., payload_public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., issued_unix_ms: _Optional[int] = ..., heartbeat_anchor: _Optional[bytes] = ..., heartbeat_base: _Optional[int] = ...) -> None: ...
 
 class SignedHello(_message.Message):
     __slots__ = ("body", "signature", "certificate_der")
@@ -113,18 +123,30 @@ class SignedHello(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_der: _Optional[bytes] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("hello", "heartbeat", "left", "last_round", "negotiation")
+    __slots__ = ("hello", "heartbeat", "left", "last_round", "negotiation", "heartbeat_proof", "farewell")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     NEGOTIATION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PROOF_FIELD_NUMBER: _ClassVar[int]
+    FAREWELL_FIELD_NUMBER: _ClassVar[int]
     hello: SignedHello
     heartbeat: int
     left: bool
     last_round: int
     negotiation: SignedBlob
-    def __init__(self, hello: _Optional[_Union[SignedHello, _Mapping]] = ..., heartbeat: _Optional[int] = ..., left: _Optional[bool] = ..., last_round: _Optional[int] = ..., negotiation: _Optional[_Union[SignedBlob, _Mapping]] = ...) -> None: ...
+    heartbeat_proof: bytes
+    farewell: SignedBlob
+    def __init__(self, hello: _Optional[_Union[SignedHello, _Mapping]] = ..., heartbeat: _Optional[int] = ..., left: _Optional[bool] = ..., last_round: _Optional[int] = ..., negotiation: _Optional[_Union[SignedBlob, _Mapping]] = ..., heartbeat_proof: _Optional[bytes] = ..., farewell: _Optional[_Union[SignedBlob, _Mapping]] = ...) -> None: ...
+
+class Farewell(_message.Message):
+    __slots__ = ("node_id", "incarnation")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    incarnation: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class SignedBlob(_message.Message):
     __slots__ = ("body", "signature", "certificate_der")

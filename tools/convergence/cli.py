@@ -50,8 +50,10 @@ def _write(out: Path, meta: dict, runs: list[dict], tolerance: float, final: boo
 
 @click.command()
 @click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default="tiny-cpu", show_default=True,
-              help="tiny-cpu: tiny private model + micro messenger ladder, 3 daemons, 10 rounds, 3 seeds "
-                   "(~20 min on 2 cores). smollm2-135m: SmolLM2-135M private model, 2 daemons, a short run.")
+              help="tiny-cpu: tiny private model + micro messenger ladder, 3 daemons, 8 rounds, 3 seeds "
+                   "(~20 min on 2 cores). tiny-long: 30 rounds, both messenger families, ablations, P/M/P+M "
+                   "on all 164 problems, in one process (the real node code over the transport twin). "
+                   "smollm2-135m: SmolLM2-135M private model, 2 daemons, a short run.")
 @click.option("--modes", default=None, help="Comma-separated arms (adaptive, static-<level>, fedavg, local), or "
                                             "'all' for static at every level [default: adaptive, static at the "
                                             "smallest and largest level, fedavg, local].")
@@ -66,11 +68,18 @@ def _write(out: Path, meta: dict, runs: list[dict], tolerance: float, final: boo
               help="Report directory [default: bench/results/convergence-<preset>].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the meshes' files (configs, logs, journals, checkpoints) here [default: a temp dir, removed].")
+@click.option("--harness", type=click.Choice(["process", "sim"]), default=None,
+              help="process: every node a real daemon process over mTLS; sim: the same daemon code for every node "
+                   "in one process over the transport twin [default: the preset's; tiny-long: sim].")
+@click.option("--resume", is_flag=True,
+              help="Keep the runs already in --out (same preset) and run only the (arm, seed) pairs missing: a long "
+                   "study can be spread over several sittings, e.g. --seeds 0 now and --seeds 0,1,2 --resume later. "
+                   "Earlier runs of other arms or seeds stay in the report.")
 @click.option("--reanalyze", "reanalyze_dir", type=click.Path(path_type=Path), default=None,
               help="Recompute target, tables and plots from an earlier run's directory; trains nothing.")
 def convergence(preset: str, modes: str | None, seeds: str | None, rounds: int | None, nodes: int | None,
                 problems: int | None, tolerance: float, out: Path | None, workdir: Path | None,
-                reanalyze_dir: Path | None) -> None:
+                harness: str | None, resume: bool, reanalyze_dir: Path | None) -> None:
     """Run adaptive, static (each level), fedavg and local meshes of real daemons on the same data
     partitions, token budget and seeds; score every node's model on HumanEval (NLL, bits/byte)
     after every round; derive rounds-, bytes- and wall-clock-to-target with the target taken from
@@ -83,7 +92,7 @@ def convergence(preset: str, modes: str | None, seeds: str | None, rounds: int |
         _finish(summary, meta, out or reanalyze_dir)
         return
     try:
-        chosen = presets.resolve(preset, rounds=rounds, nodes=nodes, problems=problems,
+        chosen = presets.resolve(preset, rounds=rounds, nodes=nodes, problems=problems, harness=harness,
                                  seeds=_ints(seeds, "--seeds") if seeds else None)
         labels = chosen.arms(every_level=modes == "all") if modes in (None, "all") else modes.split(",")
         arms = [Arm.parse(label.strip()) for label in labels]
@@ -100,24 +109,35 @@ def convergence(preset: str, modes: str | None, seeds: str | None, rounds: int |
                                nodes=chosen.nodes, rounds=chosen.rounds, problems=chosen.problems,
                                steps_per_round=chosen.steps_per_round, batch_size=chosen.batch_size,
                                seq_len=chosen.seq_len, arms=[a.label for a in arms], private=chosen.private,
-                               ladder=chosen.ladder)
+                               ladder=chosen.ladder, harness=chosen.harness,
+                               public_set_overlap=_public_overlap(scored))
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fednode-convergence-"))
-    total, done, started = len(arms) * len(chosen.seeds), 0, time.monotonic()
     runs: list[dict] = []
+    if resume and (out / f"{RAW_NAME}.json").exists():
+        earlier = _load_raw(out)
+        if earlier["metadata"].get("preset") != chosen.name:
+            raise click.UsageError(f"--resume: {out} holds a {earlier['metadata'].get('preset')!r} run, not "
+                                   f"{chosen.name!r}: give another --out")
+        runs = list(earlier["runs"])  # every earlier run stays in the report, asked for this time or not
+        meta["resumed_from"] = earlier["metadata"].get("date_utc")
+        meta["arms"] = list(dict.fromkeys([*earlier["metadata"].get("arms", []), *meta["arms"]]))
+        meta["seeds"] = sorted({*earlier["metadata"].get("seeds", []), *meta["seeds"]})
+    have = {(r["arm"], r["seed"]) for r in runs}
+    todo = [(seed, arm) for seed in chosen.seeds for arm in arms if (arm.label, seed) not in have]
+    total, done, started = len(todo), 0, time.monotonic()
     try:
-        for seed in chosen.seeds:
-            for arm in arms:
-                def progress(msg: str, _done=done) -> None:
-                    elapsed = time.monotonic() - started
-                    eta = f", ~{elapsed / _done * (total - _done) / 60:.0f} min left" if _done else ""
-                    click.echo(f"[{_done}/{total} runs, {elapsed / 60:.1f} min{eta}] {msg}", err=True)
+        for seed, arm in todo:
+            def progress(msg: str, _done=done) -> None:
+                elapsed = time.monotonic() - started
+                eta = f", ~{elapsed / _done * (total - _done) / 60:.0f} min left" if _done else ""
+                click.echo(f"[{_done}/{total} runs, {elapsed / 60:.1f} min{eta}] {msg}", err=True)
 
-                result = run_arm(chosen, arm, seed, root / f"{arm.label}-seed{seed}", scored, progress)
-                runs.append(arm_summary(result))
-                done += 1
-                _write(out, meta, runs, tolerance, final=False)
-                if not workdir:
-                    shutil.rmtree(root / f"{arm.label}-seed{seed}", ignore_errors=True)
+            result = run_arm(chosen, arm, seed, root / f"{arm.label}-seed{seed}", scored, progress)
+            runs.append(arm_summary(result))
+            done += 1
+            _write(out, meta, runs, tolerance, final=False)
+            if not workdir:
+                shutil.rmtree(root / f"{arm.label}-seed{seed}", ignore_errors=True)
     except KeyboardInterrupt:
         click.echo(f"fednode-bench: interrupted after {done}/{total} runs; partial results in {out}", err=True)
         sys.exit(130)
@@ -141,12 +161,24 @@ def _finish(summary: dict | None, meta: dict, out: Path) -> None:
     report.emit_last_line({
         "benchmark": "convergence", "preset": meta.get("preset"), "rounds_ratio": summary["rounds_ratio"],
         "bytes_ratio": summary["bytes_ratio"], "wall_ratio": summary["wall_ratio"],
+        "gain_recovered": summary.get("gain_recovered"), "capacity_gain": summary.get("capacity_gain"),
+        "shared_prefix": {k: (summary.get("shared_prefix") or {}).get(k)
+                          for k in ("rounds_ratio", "bytes_ratio", "gain_recovered", "capacity_gain")},
+        "int8": summary.get("int8"),
         "target_nll_bpb": summary["target_nll_bpb"],
         "at_adaptive_best": {k: (summary.get("at_adaptive_best") or {}).get(k)
                              for k in ("target_nll_bpb", "rounds_ratio", "bytes_ratio")},
         "rounds_to_target": {arm: a["rounds_to_target"]["mean"] for arm, a in summary["arms"].items()},
         "bytes_to_target": {arm: a["bytes_to_target"]["mean"] for arm, a in summary["arms"].items()},
     })
+
+
+def _public_overlap(problems) -> dict:
+    """HumanEval word-13-gram overlap of the public transfer set, over the problems scored."""
+    from fednode.learning.public import public_hash, public_sources
+    from tools.humaneval.overlap import overlap
+
+    return {"public_sha256": public_hash(), **overlap(public_sources().values(), problems).to_dict()}
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:

@@ -1,4 +1,11 @@
-"""The two scales of the convergence benchmark.
+"""The scales of the convergence benchmark.
+
+tiny-long: the question the method exists for, at a scale where arms can differ: `tiny` private
+model, 3 nodes, 30 rounds of 18 steps (>= 0.5M tokens trained per node), the capacity-scaling
+`tiny-wide` ladder for the distilled family and P's own prefix for the shared-prefix family,
+default negotiation thresholds (adaptive follows its signals), P, M and the P+M ensemble scored
+on all 164 HumanEval problems every 5 rounds; run in one process over the transport twin
+(SimHarness: the real daemon code) so that 11 arms x 3 seeds fit on 2 cores.
 
 tiny-cpu: the `tiny` private model (0.84M parameters) with the `micro` messenger ladder
 (0.14M..0.20M), 3 daemons, 8 rounds; adaptive, static at the smallest and largest level, fedavg
@@ -16,12 +23,32 @@ EAGER_NEGOTIATION = {"plateau_window": 1, "plateau_theta": 10.0, "js_threshold":
                      "activation_delay": 3}
 
 
+ABLATIONS = {  # name -> config overrides (section -> keys) of the adaptive distilled arm
+    "nopublic": {"learning": {"public_steps": 0}},
+    "live": {"learning": {"teacher": "live"}},
+    "fedkd": {"learning": {"distill_weight": "fedkd"}},
+    "plateau": {"negotiation": {"growth_signal": "plateau"}},  # grow only once the messenger loss plateaus
+    "int8": {"learning": {"update_codec": "int8"}},  # pushes as block-wise int8 (~3.8x fewer bytes)
+    # rounds-to-target was missed at the default cooldown (levels at rounds 5, 11, 17): grow every 4
+    # rounds instead, on int8 pushes so the earlier top level does not cost fedavg's bytes
+    "fastgrow": {"negotiation": {"min_round_gap": 1}, "learning": {"update_codec": "int8"}},
+}
+# ablations that apply to every sharing arm, not only the adaptive distilled one
+SHARED_ABLATIONS = ("int8",)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     private: str  # model preset of the private model
     ladder: str  # messenger ladder ("" = the private preset's own)
     levels: int  # messenger levels: static-0 .. static-(levels-1)
+    prefix_levels: int = 0  # shared-prefix levels (0 = that family is not in the default arms)
+    ablations: tuple[str, ...] = ()
+    harness: str = "process"  # process: real daemons; sim: real node code in one process
+    eager: bool = True  # eager negotiation (grow at the first allowed round) or the config defaults
+    score_every: int = 1  # HumanEval scoring every k rounds (and the last)
+    score_messenger: bool = False  # also score M and the P+M ensemble
     nodes: int = 3
     rounds: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -38,42 +65,82 @@ class Preset:
         """The default compares static at the smallest and the largest level (time on 2 cores);
         every_level (`--modes all`) runs static at each level."""
         levels = range(self.levels) if every_level else sorted({0, self.levels - 1})
-        return ["adaptive", *[f"static-{lv}" for lv in levels], "fedavg", "local"]
+        out = ["adaptive", *[f"static-{lv}" for lv in levels], "fedavg", "local"]
+        if self.prefix_levels:
+            top = self.prefix_levels - 1
+            prefix = range(self.prefix_levels) if every_level else sorted({0, top})
+            out += ["prefix-adaptive", *[f"prefix-static-{lv}" for lv in prefix]]
+        out += [f"adaptive-{a}" for a in self.ablations]
+        for a in SHARED_ABLATIONS:
+            if a in self.ablations:
+                out += [f"fedavg-{a}"] + ([f"prefix-adaptive-{a}"] if self.prefix_levels else [])
+        return out
 
-    def overrides(self, mode: str, level: int | None, seed: int) -> dict[str, dict[str, Any]]:
-        learning: dict[str, Any] = {"mode": mode, "curriculum": False}
-        if self.ladder:
+    def rounds_scored(self) -> list[int]:
+        every = max(1, self.score_every)
+        return sorted({*range(every, self.rounds + 1, every), self.rounds})
+
+    def overrides(self, mode: str, level: int | None, seed: int, family: str = "distilled",
+                  ablation: str = "") -> dict[str, dict[str, Any]]:
+        # plain averaging: the study measures knowledge transfer against the textbook gossip FedAvg;
+        # what the robust default (median) costs a clean mesh is `fednode-bench poison`'s question
+        learning: dict[str, Any] = {"mode": mode, "curriculum": False, "family": family, "aggregation": "mean",
+                                    "update_codec": "none"}
+        if self.ladder and family == "distilled":
             learning["ladder"] = self.ladder
         if level is not None:
             learning["static_level"] = level
+        changes = ABLATIONS.get(ablation, {})
+        learning.update(changes.get("learning", {}))
         return {
             "model": {"preset": self.private, "seed": seed},
             "data": {"seq_len": self.seq_len, "max_tokens": self.max_tokens},
             "train": {"rounds": self.rounds, "steps_per_round": self.steps_per_round, "batch_size": self.batch_size,
                       "round_timeout_s": self.round_timeout_s, "keep_checkpoints": self.rounds + 2},
             "learning": learning,
-            "negotiation": {"min_live_peers": self.nodes, **EAGER_NEGOTIATION},
+            "negotiation": {"min_live_peers": self.nodes, **(EAGER_NEGOTIATION if self.eager else {}),
+                            **changes.get("negotiation", {})},
         }
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One column of the comparison: a mode (static carries its level)."""
+    """One column of the comparison: a mode (static carries its level), the messenger family
+    ("prefix-" labels: shared-prefix) and an ablation of the adaptive distilled arm."""
 
     mode: str
     level: int | None = None
+    family: str = "distilled"
+    ablation: str = ""
 
     @property
     def label(self) -> str:
-        return f"static-{self.level}" if self.mode == "static" else self.mode
+        base = f"static-{self.level}" if self.mode == "static" else self.mode
+        if self.family == "shared-prefix":
+            base = f"prefix-{base}"
+        return f"{base}-{self.ablation}" if self.ablation else base
+
+    @property
+    def messenger(self) -> bool:
+        """Whether the checkpoint holds P as `private.*` (adaptive and static, both families)."""
+        return self.mode in ("adaptive", "static")
 
     @classmethod
     def parse(cls, label: str) -> Arm:
-        if label.startswith("static-") and label[7:].isdigit():
-            return cls("static", int(label[7:]))
-        if label in ("adaptive", "fedavg", "local"):
-            return cls(label)
-        raise ValueError(f"unknown mode {label!r}: use adaptive, fedavg, local or static-<level>")
+        family, rest = ("shared-prefix", label[7:]) if label.startswith("prefix-") else ("distilled", label)
+        for name in ABLATIONS:
+            if family == "distilled" and rest == f"adaptive-{name}":
+                return cls("adaptive", ablation=name)
+            if name in SHARED_ABLATIONS and (rest == f"adaptive-{name}" or
+                                             (rest == f"fedavg-{name}" and family == "distilled")):
+                return cls(rest[:-len(name) - 1], family=family, ablation=name)
+        if rest.startswith("static-") and rest[7:].isdigit():
+            return cls("static", int(rest[7:]), family)
+        if rest == "adaptive" or (rest in ("fedavg", "local") and family == "distilled"):
+            return cls(rest, family=family)
+        raise ValueError(f"unknown mode {label!r}: use adaptive, fedavg, local, static-<level>, prefix-adaptive, "
+                         f"prefix-static-<level>, adaptive-<{'|'.join(ABLATIONS)}> or "
+                         f"fedavg-/prefix-adaptive-<{'|'.join(SHARED_ABLATIONS)}>")
 
 
 PRESETS = {
@@ -81,6 +148,10 @@ PRESETS = {
     "smollm2-135m": Preset("smollm2-135m", private="smollm2-135m", ladder="", levels=4, nodes=2, rounds=3,
                            seeds=(0,), steps_per_round=4, batch_size=2, seq_len=128, max_tokens=20_000,
                            code_bytes=60_000, round_timeout_s=300.0, problems=8),
+    "tiny-long": Preset("tiny-long", private="tiny", ladder="tiny-wide", levels=4, prefix_levels=5,
+                        ablations=tuple(ABLATIONS), harness="sim", eager=False, rounds=30, steps_per_round=18,
+                        max_tokens=150_000, code_bytes=400_000, round_timeout_s=60.0, problems=164,
+                        score_every=5, score_messenger=True),
 }
 
 

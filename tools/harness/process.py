@@ -140,6 +140,11 @@ class ProcessHarness:
         for name in self.names:
             self._set(name, block=frozenset())
 
+    def block_fetch(self, name: str, donors: Iterable[str]) -> None:
+        """This node's FetchState calls to `donors` (node names) fail UNAVAILABLE; gossip and pushes
+        still flow. An empty list lifts it."""
+        self._set(name, block_fetch=frozenset(self.address(d) for d in donors))
+
     def set_latency(self, ms: float, names: Iterable[str] | None = None) -> None:
         """Delay every outgoing call (and pushed chunk) of these nodes by `ms`."""
         for name in names or self.names:

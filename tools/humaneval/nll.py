@@ -235,3 +235,23 @@ def solution_nll(
         truncated_prompts=truncated,
         windowed_solutions=windowed,
     )
+
+
+class EnsembleLM(torch.nn.Module):
+    """The P+M ensemble a site could also serve: next-token mixture 1/2 (p_P + p_M), as log-probs.
+
+    Scores like any causal LM here (its `logits` are log-probabilities, which cross-entropy and
+    softmax treat the same). Both models must share the tokenizer.
+    """
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+        self.config = first.config
+
+    def forward(self, input_ids, use_cache: bool = False, **_ignored):
+        from types import SimpleNamespace
+
+        a = torch.log_softmax(self.first(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
+        b = torch.log_softmax(self.second(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
+        return SimpleNamespace(logits=torch.logaddexp(a, b) - math.log(2.0))

@@ -1,0 +1,53 @@
+"""Catch-up decisions from signed claims only (pure: no clock, no network).
+
+A peer's `last_round` in gossip is unsigned, and even its own signed claim may be a lie, so the
+round a lagging node jumps to is one that several signed peers confirm: the k-th highest signed
+round among live peers, with k = f + 1 for f = max(1, n // 3) tolerated liars (k = 1 in a
+two-node mesh, where there is nobody to confirm). Donors are the peers whose signed round reaches
+that target, least over-claiming first, minus the blacklisted ones; a fetched state may be at most
+`slack` rounds past the target (the mesh moves on while we fetch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+def confirmations_needed(n_claims: int) -> int:
+    """How many signed peers must claim a round before a catch-up may jump to it."""
+    if n_claims <= 1:
+        return n_claims
+    return min(n_claims, max(1, n_claims // 3) + 1)
+
+
+def confirmed_round(claims: Mapping[str, int]) -> int:
+    """The highest round that at least `confirmations_needed` signed claims reach (0: none)."""
+    rounds = sorted(claims.values(), reverse=True)
+    k = confirmations_needed(len(rounds))
+    return rounds[k - 1] if k else 0
+
+
+@dataclass(frozen=True)
+class CatchUpPlan:
+    target: int  # the confirmed round
+    donors: tuple[str, ...]  # in the order to try
+    max_round: int  # a fetched state labelled above this is refused
+
+
+def plan(own_round: int, lag: int, claims: Mapping[str, int], blacklisted: frozenset[str] | set[str] = frozenset(),
+         *, slack: int = 2) -> CatchUpPlan | None:
+    """What to fetch, from whom, or None when the confirmed mesh is fewer than `lag` rounds ahead."""
+    target = confirmed_round(claims)
+    if target - own_round < lag:
+        return None
+    donors = sorted((n for n, r in claims.items() if r >= target and n not in blacklisted),
+                    key=lambda n: (claims[n] - target, n))
+    if not donors:
+        return None
+    return CatchUpPlan(target=target, donors=tuple(donors), max_round=target + max(slack, lag))
+
+
+def acceptable_round(fetched_round: int, own_round: int, p: CatchUpPlan) -> bool:
+    """A fetched state must be newer than ours and not beyond what signed peers confirm."""
+    return own_round < fetched_round <= p.max_round

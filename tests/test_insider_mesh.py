@@ -1,0 +1,155 @@
+"""Issue 11 against real daemons: a member with its own valid certificate (tools.harness.insider)
+attacks a 3-node mesh with well-formed, correctly signed messages. One mesh start-up for every
+attack, in sequence; after each the daemons are all running, keep committing rounds, and the bad
+input is refused with a typed reason (the refusals are read from the nodes' JSON logs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from fednode.mesh import negotiation as neg
+from fednode.node.peer_service import FETCH_BURST
+from fednode.transport.base import PeerCallError
+from fednode.v1 import peer_pb2 as pb
+from tools.harness import ProcessHarness
+from tools.harness.insider import Insider
+
+CONFIG = {
+    "model": {"preset": "micro"},
+    "data": {"seq_len": 32, "max_tokens": 4_000},
+    "train": {"steps_per_round": 2, "batch_size": 2, "round_timeout_s": 5.0},
+    "mesh": {"gossip_interval_s": 0.3, "suspect_after_s": 2.0, "dead_after_s": 5.0},
+}
+NAMES = ["node-0", "node-1", "node-2"]
+BOUND_S = 120
+
+
+def log_events(h: ProcessHarness, name: str, msg: str) -> list[dict]:
+    out = []
+    for line in (h.data_dir(name).parent / "node.log").read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("msg", "").startswith(msg):
+            out.append(event)
+    return out
+
+
+def advance(h: ProcessHarness, rounds: int, names=NAMES) -> dict:
+    mark = max(int(s["round"]) for s in h.wait_until("status", lambda st: True, 30, names).values())
+    return h.wait_round(mark + rounds, BOUND_S, names)
+
+
+def refused_push(insider: Insider, node: str, tensors, **kw) -> int:
+    with pytest.raises(PeerCallError) as err:
+        insider.push(node, tensors, **kw)
+    return err.value.reason
+
+
+def test_one_insider_cannot_crash_stall_poison_or_steer_the_mesh(tmp_path):
+    with ProcessHarness(tmp_path, 3, overrides=CONFIG, code_bytes=30_000) as h:
+        h.start()  # every daemon forked before the insider's gRPC threads exist (a fork beside them
+        h.wait_members(BOUND_S)  # can abort the child: exit -6 seen under load)
+        with Insider(h.workdir / "pki") as mallory:
+            _attack(h, mallory)
+
+
+def _attack(h: ProcessHarness, mallory: Insider) -> None:
+    advance(h, 2)
+    for name in NAMES:
+        mallory.join(h.address(name))
+    h.wait_until("mallory is a member", lambda st: all(s["peers_alive"] >= 3 for s in st.values()), 30)
+
+    # 1. steer: a committed agreement of its own (epoch 2**63 crashed every daemon; epoch 1000 at
+    # level 3 was adopted by all) -- refused, counted; the joiner that never pushes does not stall rounds
+    for committed in (pb.Agreement(epoch=2**63, level=0, proposer="mallory"),
+                      pb.Agreement(epoch=1000, level=3, previous_level=0, activate_round=1, proposer="mallory",
+                                   growth_seed=neg.growth_seed(1000, 3))):
+        mallory.sign_negotiation(round=1, ceiling=3, committed=committed)
+        for name in NAMES:
+            mallory.gossip(h.address(name))
+    mallory.keep_gossiping([h.address(n) for n in NAMES])
+    started = time.monotonic()
+    statuses = advance(h, 6)
+    assert time.monotonic() - started < 6 * 5.0 + 30, "rounds waited for the member that never pushes"
+    assert all(int(s["epoch"]) < 1000 for s in statuses.values()), statuses
+    for name in NAMES:
+        refusals = log_events(h, name, "refused") + log_events(h, name, "refused a capacity proposal")
+        assert any(e.get("reason") == "MALFORMED" for e in log_events(h, name, "refused peer record")) or \
+            any(e.get("reason") == "UNPROVEN_AGREEMENT" for e in refusals), name
+
+    # 2. pushes: a huge header integer, a huge weight, a sign-flipped copy of the victim's own state
+    victim = "node-1"
+    own, meta, _ = mallory.fetch(victim)
+    level = int(meta.get("level", "0"))
+    open_round = int(h.status(victim)["round"]) + 1
+    assert refused_push(mallory, victim, own, epoch=2**63, round_=open_round, level=level) == pb.MALFORMED
+    assert refused_push(mallory, victim, own, round_=open_round, weight=1e30, level=level) == pb.MALFORMED
+    assert refused_push(mallory, victim, own, round_=open_round, weight=1e300, level=level) == pb.MALFORMED
+    flipped = {k: -v for k, v in own.items()}
+    mallory.push(victim, flipped, round_=open_round, weight=1000.0, level=level)  # well-formed: accepted ...
+    h.wait_until("the flipped update refused at merge",
+                 lambda st: any(e.get("peer") == "mallory"
+                                for e in log_events(h, victim, "refused an update at merge")), 60, [victim])
+    assert math.isfinite(float(h.status(victim)["last_loss"]))  # ... and never merged
+
+    # 3. a FetchState flood: one catch-up's worth served, the rest RATE_LIMITED
+    outcomes = mallory.fetch_flood("node-2", 30, concurrency=6)
+    assert outcomes.get("ok", 0) <= FETCH_BURST and outcomes.get("RATE_LIMITED", 0) >= 30 - FETCH_BURST, outcomes
+
+    # 4. the catch-up lure: mallory signs the mesh's highest round and serves an all-NaN state. The
+    # lagger's state fetches from the honest nodes fail (a fault plan; gossip still flows), so
+    # mallory is always asked: its state must be refused, never adopted
+    mallory.serve_state({k: torch.full_like(v, math.nan) for k, v in own.items()}, level=level)
+    lagger = "node-2"
+    mallory.keep_gossiping([h.address(n) for n in NAMES], interval=0.15, mirror_round=True,
+                           lagging=frozenset({lagger}))
+    h.block_fetch(lagger, ["node-0", "node-1"])
+    before = int(h.status(lagger)["round"])
+    h.pause(lagger)
+    try:
+        h.wait_until("the others move ahead", lambda st: all(int(s["round"]) >= before + 4 for s in st.values()),
+                     BOUND_S, ["node-0", "node-1"])
+    finally:
+        h.resume(lagger)
+    h.wait_until("the lagger asked mallory and refused its state",
+                 lambda st: any(e.get("peer") == "mallory" for e in log_events(h, lagger, "refused a caught-up state")),
+                 BOUND_S, NAMES)
+    refused = [e for e in log_events(h, lagger, "refused a caught-up state") if e.get("peer") == "mallory"]
+    assert mallory.fetches_served >= 1 and refused[0]["reason"] in ("NOT_FINITE", "SHAPE_MISMATCH"), refused
+    caught = sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-"))
+    h.block_fetch(lagger, [])
+    h.wait_until("the lagger caught up from an honest donor",
+                 lambda st: sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-")) > caught or
+                 all(int(s["round"]) >= before + 4 for s in st.values()), BOUND_S, NAMES)
+    assert not any(r.source == "fetched:mallory" for r in h.rounds(lagger))
+
+    # 5. liveness: mallory relays node-0's hello with a heartbeat far above its own and left = true
+    # (node-0 looked gone to everyone until it restarted): refused, node-0 stays alive
+    reply = mallory.gossip(h.address("node-1"))
+    [real] = [r for r in reply.records if pb.HelloBody.FromString(r.hello.body).node_id == "node-0"]
+    forged = pb.PeerRecord(hello=real.hello, heartbeat=real.heartbeat + 1000, left=True,
+                           heartbeat_proof=os.urandom(32), last_round=real.last_round)
+    for name in ("node-1", "node-2"):
+        mallory.gossip(h.address(name), [forged])
+    h.wait_until("the forged leave refused",
+                 lambda st: all(any(e.get("peer") == "node-0" and e.get("reason") == "BAD_SIGNATURE"
+                                    for e in log_events(h, n, "refused peer message")) for n in ("node-1", "node-2")),
+                 30, ["node-1", "node-2"])
+    for name in ("node-1", "node-2"):  # their views of node-0, as they gossip them
+        [seen] = [r for r in mallory.gossip(h.address(name)).records
+                  if pb.HelloBody.FromString(r.hello.body).node_id == "node-0"]
+        assert not seen.left and seen.heartbeat < real.heartbeat + 1000, (name, seen.heartbeat, seen.left)
+
+    # after everything: every daemon runs, commits, and its loss is finite
+    statuses = advance(h, 2)
+    for name in NAMES:
+        assert h.alive(name), name
+        assert math.isfinite(float(statuses[name]["last_loss"])), statuses[name]

@@ -53,6 +53,19 @@ def refused_push(insider: Insider, node: str, tensors, **kw) -> int:
     return err.value.reason
 
 
+def _lag_behind(h: ProcessHarness, lagger: str, others: list[str]) -> int:
+    """Stop `lagger` (its state fetches from `others` failing) until they are 4 rounds ahead; its round before."""
+    h.block_fetch(lagger, others)
+    before = int(h.status(lagger)["round"])
+    h.pause(lagger)
+    try:
+        h.wait_until("the others move ahead", lambda st: all(int(s["round"]) >= before + 4 for s in st.values()),
+                     BOUND_S, others)
+    finally:
+        h.resume(lagger)
+    return before
+
+
 def test_one_insider_cannot_crash_stall_poison_or_steer_the_mesh(tmp_path):
     with ProcessHarness(tmp_path, 3, overrides=CONFIG, code_bytes=30_000) as h:
         h.start()  # every daemon forked before the insider's gRPC threads exist (a fork beside them
@@ -111,14 +124,7 @@ def _attack(h: ProcessHarness, mallory: Insider) -> None:
     lagger = "node-2"
     mallory.keep_gossiping([h.address(n) for n in NAMES], interval=0.15, mirror_round=True,
                            lagging=frozenset({lagger}))
-    h.block_fetch(lagger, ["node-0", "node-1"])
-    before = int(h.status(lagger)["round"])
-    h.pause(lagger)
-    try:
-        h.wait_until("the others move ahead", lambda st: all(int(s["round"]) >= before + 4 for s in st.values()),
-                     BOUND_S, ["node-0", "node-1"])
-    finally:
-        h.resume(lagger)
+    before = _lag_behind(h, lagger, ["node-0", "node-1"])
     h.wait_until("the lagger asked mallory and refused its state",
                  lambda st: any(e.get("peer") == "mallory" for e in log_events(h, lagger, "refused a caught-up state")),
                  BOUND_S, NAMES)
@@ -130,6 +136,23 @@ def _attack(h: ProcessHarness, mallory: Insider) -> None:
                  lambda st: sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-")) > caught or
                  all(int(s["round"]) >= before + 4 for s in st.values()), BOUND_S, NAMES)
     assert not any(r.source == "fetched:mallory" for r in h.rounds(lagger))
+
+    # 4b. the lure again, for a lagger that never asked mallory, whose state now stalls after its
+    # first chunk: the catch-up has one deadline, the stall is a counted TRUNCATED refusal, mallory
+    # is blacklisted and the lagger catches up from an honest donor (the round loop never hangs)
+    mallory.serve_state(own, level=level, stall=True)
+    lagger = "node-0"
+    mallory.keep_gossiping([h.address(n) for n in NAMES], interval=0.15, mirror_round=True,
+                           lagging=frozenset({lagger}))
+    _lag_behind(h, lagger, ["node-1", "node-2"])
+    h.wait_until("the lagger gave up on mallory's stalled state",
+                 lambda st: any(e.get("peer") == "mallory" and e.get("reason") == "TRUNCATED"
+                                for e in log_events(h, lagger, "state fetch failed")), BOUND_S, NAMES)
+    caught = sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-"))
+    h.block_fetch(lagger, [])
+    h.wait_until("the lagger caught up from an honest donor after the stall",
+                 lambda st: sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-")) > caught,
+                 BOUND_S, NAMES)
 
     # 5. liveness: mallory relays node-0's hello with a heartbeat far above its own and left = true
     # (node-0 looked gone to everyone until it restarted): refused, node-0 stays alive
@@ -147,6 +170,28 @@ def _attack(h: ProcessHarness, mallory: Insider) -> None:
         [seen] = [r for r in mallory.gossip(h.address(name)).records
                   if pb.HelloBody.FromString(r.hello.body).node_id == "node-0"]
         assert not seen.left and seen.heartbeat < real.heartbeat + 1000, (name, seen.heartbeat, seen.left)
+
+    # 6. Sybil: a ceiling is one vote per certificate. mallory claiming ceiling 0 is 1 of 4 votes:
+    # the quorum (2/3 of the live members) still affords what the honest ceilings afford; a second
+    # certificate makes the liars 2 of 5 (over a third): then they can hold the level down, as
+    # docs/reliability.md says
+    mallory.ceiling = 0
+    mallory.sign_negotiation(round=mallory.claimed_round, ceiling=0)
+    mallory.keep_gossiping([h.address(n) for n in NAMES])
+    advance(h, 2)
+    statuses = advance(h, 1)
+    honest = min(int(s["ceiling"]) for s in statuses.values())
+    assert honest > 0, statuses  # no [budget]: every honest node affords the whole ladder
+    assert all(int(s["quorum_level"]) == honest for s in statuses.values()), statuses
+    with Insider(h.workdir / "pki", "sybil-1") as sybil:
+        for name in NAMES:
+            sybil.join(h.address(name))
+        sybil.ceiling = 0
+        sybil.sign_negotiation(round=mallory.claimed_round, ceiling=0)
+        sybil.keep_gossiping([h.address(n) for n in NAMES])
+        h.wait_until("two liars in five hold the quorum level down",
+                     lambda st: all(int(s["quorum_level"]) == 0 and s["peers_alive"] >= 4 for s in st.values()),
+                     BOUND_S, NAMES)
 
     # after everything: every daemon runs, commits, and its loss is finite
     statuses = advance(h, 2)

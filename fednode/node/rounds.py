@@ -132,9 +132,11 @@ class RoundLoop:
                                         min_round=ctx.committed_round + 1, max_payload=self.state_limit(),
                                         timeout=timeout)
         except (PeerCallError, ProtocolError) as exc:
-            log.warning("state fetch failed: %s", exc, extra={"round": ctx.committed_round, "peer": donor})
+            reason = reason_name(exc.reason) if exc.reason else "UNAVAILABLE"
+            log.warning("state fetch failed: %s", exc, extra={"round": ctx.committed_round, "peer": donor,
+                                                              "reason": reason})
             if isinstance(exc, ProtocolError):
-                ctx.metrics.refuse_input("catch-up", donor, reason_name(exc.reason))
+                ctx.metrics.refuse_input("catch-up", donor, reason)
             self._blacklist(donor, FAILED_DONOR_BLACKLIST_ROUNDS)
             return False
         try:

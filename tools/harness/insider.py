@@ -51,6 +51,8 @@ class Insider:
         self.negotiation: pb.SignedBlob | None = None
         self.state_file: tuple[Path, str, int] | None = None  # what FetchState serves: (path, sha, round)
         self.fetches_served = 0
+        self.stall_fetch = False  # serve the first chunk of the state, then nothing (a stalled donor)
+        self.ceiling = 3  # the ceiling our signed negotiation records claim
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -173,7 +175,7 @@ class Insider:
         best = min(rounds)
         if best != self.claimed_round or self.negotiation is None:
             self.claimed_round = best
-            self.sign_negotiation(round=best, ceiling=3)
+            self.sign_negotiation(round=best, ceiling=self.ceiling)
             if self.state_file is not None:
                 path, sha, _ = self.state_file
                 self.state_file = (path, sha, best)
@@ -221,8 +223,11 @@ class Insider:
 
         return self.run(go(), timeout=300)
 
-    def serve_state(self, tensors: dict[str, torch.Tensor] | None, *, level: int = 0, raw: bytes | None = None) -> None:
-        """What our FetchState serves from now on: a checkpoint of `tensors`, or `raw` bytes."""
+    def serve_state(self, tensors: dict[str, torch.Tensor] | None, *, level: int = 0, raw: bytes | None = None,
+                    stall: bool = False) -> None:
+        """What our FetchState serves from now on: a checkpoint of `tensors`, or `raw` bytes; with
+        `stall`, only its first chunk, then the stream hangs until the caller gives up."""
+        self.stall_fetch = stall
         directory = self.workdir / "serve"
         directory.mkdir(exist_ok=True)
         if raw is not None:
@@ -264,5 +269,8 @@ class _Handler:
         path, sha, round_ = insider.state_file
         insider.fetches_served += 1
         async for chunk in serve_state(insider.identity, insider.recipient(request.requester_id), path, sha256=sha,
-                                       round_=max(round_, 1), epoch=0, first_chunk=0, chunk_size=1 << 20):
+                                       round_=max(round_, 1), epoch=0, first_chunk=0,
+                                       chunk_size=(1 << 12) if insider.stall_fetch else (1 << 20)):
             yield chunk
+            if insider.stall_fetch:
+                await asyncio.Event().wait()  # never set: hangs until the caller cancels the stream

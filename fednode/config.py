@@ -94,7 +94,7 @@ class LearningSection:
     lr_messenger: float = 3e-3
     weighting: str = "data-size"  # uniform | data-size | fairness | qffl
     aggregation: str = "median"  # median | trimmed-mean | norm-clip | mean (bench/RESULTS.md "Insider poisoning")
-    update_codec: str = "none"  # none | int8 (per-row int8 matrices: ~4x fewer bytes per push)
+    update_codec: str = "none"  # none | int8 (block-wise int8, a float32 scale per 64 values: ~3.8x fewer bytes)
     merge_loss_jump: float = 0.25  # refuse a merge that raises own held-out loss by more than this fraction; 0 = off
     qffl_q: float = 1.0
     curriculum: bool = True
@@ -451,7 +451,7 @@ teacher = "frozen"                   # P learns from the merged messenger frozen
 public_steps = 8                     # per round, P distils from it on the shipped public code
 weighting = "data-size"              # uniform | data-size | fairness | qffl
 aggregation = "median"               # median | trimmed-mean | norm-clip | mean (one bad member cannot steer a median)
-update_codec = "none"                # none | int8: matrices as per-row int8 codes, ~4x fewer bytes per push
+update_codec = "none"                # none | int8: block-wise int8 (a scale per 64 values), ~3.8x fewer bytes per push
 merge_loss_jump = 0.25               # a merge raising own held-out loss by > 25 % is refused (own state kept)
 curriculum = true
 

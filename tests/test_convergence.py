@@ -108,7 +108,8 @@ def test_long_preset_arms_cover_both_families_and_the_ablations():
     arms = preset.arms()
     assert arms == ["adaptive", "static-0", "static-3", "fedavg", "local", "prefix-adaptive", "prefix-static-0",
                     "prefix-static-4", "adaptive-nopublic", "adaptive-live", "adaptive-fedkd", "adaptive-plateau",
-                    "adaptive-int8", "adaptive-fastgrow", "fedavg-int8", "prefix-adaptive-int8"]
+                    "adaptive-int8", "adaptive-fastgrow", "adaptive-public24", "adaptive-alpha2", "fedavg-int8",
+                    "prefix-adaptive-int8"]
     assert all(Arm.parse(a).label == a for a in arms)
     assert preset.rounds >= 30 and preset.rounds * preset.steps_per_round * preset.batch_size * preset.seq_len >= 5e5
     assert preset.rounds_scored() == [5, 10, 15, 20, 25, 30]

@@ -32,6 +32,10 @@ ABLATIONS = {  # name -> config overrides (section -> keys) of the adaptive dist
     # rounds-to-target was missed at the default cooldown (levels at rounds 5, 11, 17): grow every 4
     # rounds instead, on int8 pushes so the earlier top level does not cost fedavg's bytes
     "fastgrow": {"negotiation": {"min_round_gap": 1}, "learning": {"update_codec": "int8"}},
+    # P trails its own P+M ensemble (and M alone): does P absorb M faster with more public-set
+    # steps toward it, or a heavier distillation weight? Both on int8, compared with adaptive-int8
+    "public24": {"learning": {"public_steps": 24, "update_codec": "int8"}},
+    "alpha2": {"learning": {"distill_alpha": 2.0, "update_codec": "int8"}},
 }
 # ablations that apply to every sharing arm, not only the adaptive distilled one
 SHARED_ABLATIONS = ("int8",)

@@ -86,6 +86,7 @@ class LearningSection:
     ladder: str = ""  # messenger family; defaults to the model preset's ladder
     static_level: int = 0  # the level of `static` mode
     family: str = "distilled"  # distilled (P never leaves) | shared-prefix (P's first layers travel)
+    frozen_base: str = "auto"  # shared-prefix: embedding/head frozen, never sent (auto: on for pretrained presets)
     distill_weight: str = "fixed"  # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
     distill_alpha: float = 1.0  # weight of the KL terms (0 = no distillation)
     distill_temperature: float = 1.0
@@ -180,7 +181,9 @@ _SECTION_TYPES = {
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
               ("tls", "key"), ("tls", "crl"), ("model", "tokenizer_cache"), ("data", "dir"),
               ("model", "path"), ("model", "cache")}
-_KNOWN_PRESETS = ("micro", "tiny", "small", "smollm2-135m", "local")
+PRETRAINED_PRESETS = ("smollm2-135m", "local")  # loaded from local files, not built from a config
+_KNOWN_PRESETS = ("micro", "tiny", "small", *PRETRAINED_PRESETS)
+FROZEN_BASE = ("auto", "on", "off")  # [learning] frozen_base
 # fednode.learning.messenger.LADDERS (kept here so config imports no torch)
 _BUILT_LADDERS = ("micro", "tiny", "tiny-wide")
 MODES = ("adaptive", "static", "fedavg", "local")
@@ -272,7 +275,7 @@ def _validate(cfg: Config) -> None:
     ladder = cfg.learning.ladder
     if ladder and ladder not in _BUILT_LADDERS:
         raise ConfigError(f"[learning] ladder {ladder!r} is unknown{_suggest(ladder, list(_BUILT_LADDERS))}")
-    if (not ladder and cfg.model.preset not in (*_BUILT_LADDERS, "smollm2-135m", "local")
+    if (not ladder and cfg.model.preset not in (*_BUILT_LADDERS, *PRETRAINED_PRESETS)
             and cfg.learning.mode in ("adaptive", "static") and cfg.learning.family == "distilled"):
         raise ConfigError(f"[model] preset {cfg.model.preset!r} has no messenger ladder of its own: "
                           f'set [learning] ladder = "tiny"')
@@ -301,10 +304,13 @@ def _validate(cfg: Config) -> None:
         hint = _suggest(lrn.aggregation, list(AGGREGATIONS))
         raise ConfigError(f"[learning] aggregation {lrn.aggregation!r} is unknown{hint}")
     for key, options in (("family", FAMILIES), ("distill_weight", DISTILL_WEIGHTS), ("teacher", TEACHERS),
-                         ("update_codec", CODECS)):
+                         ("update_codec", CODECS), ("frozen_base", FROZEN_BASE)):
         value = getattr(lrn, key)
         if value not in options:
             raise ConfigError(f"[learning] {key} {value!r} is unknown{_suggest(value, list(options))}")
+    if lrn.frozen_base == "on" and lrn.family != "shared-prefix":
+        raise ConfigError('[learning] frozen_base = "on" needs family = "shared-prefix" (a distilled messenger has '
+                          'its own embedding): set the family or frozen_base = "auto"')
     if not 0 <= lrn.merge_loss_jump <= 100:
         raise ConfigError(f"[learning] merge_loss_jump {lrn.merge_loss_jump} must be in [0, 100] (a fraction of the "
                           f"held-out loss; 0 = never refuse a merge for its loss)")
@@ -444,6 +450,7 @@ mode = "adaptive"                    # adaptive | static | fedavg | local
 # ladder = "tiny"                    # messenger family (default: the model preset's)
 static_level = 0                     # the messenger level in static mode
 family = "distilled"                 # distilled (P never leaves) | shared-prefix (P's first layers travel)
+frozen_base = "auto"                 # shared-prefix: embedding/head frozen, never sent (auto: pretrained)
 distill_weight = "fixed"             # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
 distill_alpha = 1.0                  # KL weight; distill_weight = "fedkd" rescales it by FedKD's factor
 distill_temperature = 1.0            # softmax temperature of the KL terms (scaled by T^2)
@@ -508,3 +515,13 @@ def to_toml(raw: dict[str, dict[str, Any]]) -> str:
         out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
         out.append("")
     return "\n".join(out)
+
+
+def uses_frozen_base(cfg: Config) -> bool:
+    """Whether P's embedding and untied head are a frozen public base (never trained or sent): on
+    request, or by default for a shared-prefix family over a pretrained model, whose embedding is
+    most of its parameters and identical at every site."""
+    lrn = cfg.learning
+    if lrn.family != "shared-prefix" or lrn.frozen_base == "off":
+        return False
+    return lrn.frozen_base == "on" or cfg.model.preset in PRETRAINED_PRESETS

@@ -243,6 +243,8 @@ def test_missing_node_name_and_missing_node_section(tmp_path):
     (minimal(log={"level": "verbose"}), "[log] level 'verbose' is unknown"),
     (minimal(log={"format": "xml"}), "[log] format 'xml' is unknown"),
     (minimal(learning={"update_codec": "int4"}), "[learning] update_codec 'int4' is unknown (did you mean 'int8'?)"),
+    (minimal(learning={"frozen_base": "yes"}), "[learning] frozen_base 'yes' is unknown"),
+    (minimal(learning={"frozen_base": "on"}), 'frozen_base = "on" needs family = "shared-prefix"'),
 ])
 def test_out_of_range_values_are_refused(tmp_path, raw, expect):
     assert expect in config_error(raw, tmp_path)
@@ -359,3 +361,15 @@ def test_small_preset_needs_a_ladder_and_ladders_are_checked(tmp_path):
     assert parse_config({**base, "learning": {"mode": "fedavg"}}, tmp_path).model.preset == "small"
     with pytest.raises(ConfigError, match="did you mean 'tiny'"):
         parse_config({**base, "learning": {"ladder": "tinyy"}}, tmp_path)
+
+
+@pytest.mark.parametrize("preset,family,setting,frozen", [
+    ("smollm2-135m", "shared-prefix", "auto", True), ("local", "shared-prefix", "auto", True),
+    ("tiny", "shared-prefix", "auto", False), ("tiny", "shared-prefix", "on", True),
+    ("smollm2-135m", "shared-prefix", "off", False), ("smollm2-135m", "distilled", "auto", False)])
+def test_the_frozen_base_is_on_for_a_shared_prefix_over_a_pretrained_model(tmp_path, preset, family, setting, frozen):
+    from fednode.config import uses_frozen_base
+
+    model = {"preset": preset, **({"path": str(tmp_path)} if preset == "local" else {})}
+    cfg = parse_config(minimal(model=model, learning={"family": family, "frozen_base": setting}), tmp_path)
+    assert uses_frozen_base(cfg) is frozen

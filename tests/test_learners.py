@@ -4,6 +4,8 @@ committed seed, and the shared-prefix learner's slicing, validation and merge.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,6 +96,29 @@ def test_shared_prefix_learner_shares_validates_and_merges_only_its_prefix(tmp_p
         changed = not torch.equal(before[name], after[name])
         assert changed == (name in shared), name  # the local rest of P is untouched
     assert a.info.family_hash != MessengerLearner(a_cfg).info.family_hash  # the handshake refuses a mix
+
+
+def test_a_frozen_base_is_not_trained_not_sent_and_checked_at_the_handshake(tmp_path):
+    learning = {"mode": "static", "family": "shared-prefix", "static_level": 0, "frozen_base": "on"}
+    a_cfg, b_cfg = _configs(tmp_path, learning)
+    a, b = PrefixLearner(a_cfg), PrefixLearner(b_cfg)
+    assert a.top_level == 1 and list(a.shared_state()) and all(k.startswith("model.layers.0.")
+                                                                 for k in a.shared_state())
+    embed = state_tensors(a.private)["model.embed_tokens.weight"]
+    a.train_round(1)
+    after = state_tensors(a.private)
+    assert torch.equal(after["model.embed_tokens.weight"], embed)  # frozen: identical at every site
+    assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], state_tensors(b.private)[
+        "model.layers.0.mlp.up_proj.weight"])  # the layers did train
+    b.validate(a.shared_state(), 0)
+    assert a.update_spec().largest_shapes and all(
+        shape != tuple(embed.shape) for shape in a.update_spec().largest_shapes)
+    assert a.info.family_hash == b.info.family_hash  # one public base
+    unfrozen = PrefixLearner(_configs(tmp_path / "u", {**learning, "frozen_base": "off"}, n=1)[0])
+    assert unfrozen.info.family_hash != a.info.family_hash  # a frozen and an unfrozen site never mix
+    reseeded = _configs(tmp_path / "r", learning, n=1)[0]
+    reseeded = dataclasses.replace(reseeded, model=dataclasses.replace(reseeded.model, seed=99))
+    assert PrefixLearner(reseeded).info.family_hash != a.info.family_hash  # another base: refused
 
 
 def test_the_largest_update_a_prefix_learner_accepts_is_its_top_level_whatever_its_level(tmp_path):

@@ -141,6 +141,24 @@ def test_shared_prefix_levels_slice_and_average_per_coordinate(tok):
         prefix.level_names(list(state), 5, top)
 
 
+def test_a_frozen_base_is_never_sent_and_level_zero_is_one_layer(tok):
+    state = state_tensors(build_model("tiny", tok, seed=0))
+    top = prefix.top_level(state, frozen=True)
+    assert top == 3  # 4 layers: level k shares k + 1 of them
+    zero = prefix.slice_prefix(state, 0, top, frozen=True)
+    assert {k.split(".")[2] for k in zero} == {"0"} and all(k.startswith("model.layers.0.") for k in zero)
+    whole = prefix.slice_prefix(state, top, top, frozen=True)
+    assert whole.keys() == state.keys() - {"model.embed_tokens.weight"}  # the top level: all but the base
+    counts = prefix.level_param_counts(state, frozen=True)
+    assert len(counts) == 4 and counts == sorted(counts)
+    assert counts[0] < prefix.level_param_counts(state)[0] / 2  # the embedding was most of level 0
+    same, other = dict(state), dict(state)
+    other["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] + 1e-3
+    assert prefix.base_hash(same) == prefix.base_hash(state) != prefix.base_hash(other)
+    layers_only = {k: v for k, v in state.items() if k.startswith("model.layers.")}
+    assert prefix.base_hash(layers_only) != prefix.base_hash(state)  # only the base counts, and it is missing
+
+
 def test_public_set_shares_no_13_gram_with_humaneval_and_the_check_finds_a_copy():
     from tools.humaneval.data import load_problems
     from tools.humaneval.overlap import overlap

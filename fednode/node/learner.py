@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from fednode import PROTOCOL_VERSION, __version__
-from fednode.config import Config
+from fednode.config import PRETRAINED_PRESETS, Config
 from fednode.errors import ProtocolError, Reason
 from fednode.learning import curriculum, messenger, probe, public, weighting
 from fednode.learning.aggregate import validate_update
@@ -85,7 +85,7 @@ class Learner(Protocol):
     def probe_signature(self) -> bytes: ...
 
 
-PRETRAINED = ("smollm2-135m", "local")
+PRETRAINED = PRETRAINED_PRESETS
 
 
 def family_digest(family: str, *parts: str) -> str:

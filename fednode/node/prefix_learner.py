@@ -7,11 +7,12 @@ more than the distilled family does: the shared layers are P's own weights (docs
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
-from fednode.config import Config
+from fednode.config import Config, uses_frozen_base
 from fednode.errors import ProtocolError, Reason
 from fednode.learning import prefix, probe, weighting
 from fednode.learning.aggregate import validate_update
@@ -31,6 +32,8 @@ from fednode.node.learner import (
     spec_of,
 )
 
+log = logging.getLogger(__name__)
+
 
 class PrefixLearner:
     """Trains P on local data; shares the level's prefix of P and merges peers' prefixes into it."""
@@ -42,18 +45,31 @@ class PrefixLearner:
         self.mode = cfg.learning.mode
         self.shares = True
         self.private, self.tokenizer, family = load_private_model(cfg)
+        self.frozen = uses_frozen_base(cfg)
+        parts = [family]
+        if self.frozen:  # the public base is never trained, so it stays what every peer holds
+            named = dict(self.private.named_parameters())
+            for name in prefix.FROZEN:
+                if name in named:
+                    named[name].requires_grad_(False)
+            parts.append(f"frozen-base:{prefix.base_hash(named)}")
         full = state_tensors(self.private)
-        self.top_level = prefix.top_level(full)
+        self.top_level = prefix.top_level(full, self.frozen)
         self.level = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
         self._shapes = {name: tuple(t.shape) for name, t in full.items()}
         self.trainer = LocalTrainer(self.private, lr=cfg.train.lr, seed=cfg.model.seed,
                                     placement=Placement.from_config(cfg))
         self.dataset = site_dataset(cfg, self.tokenizer)
         self.probe = probe.probe_blocks(self.tokenizer)
-        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family_digest("shared-prefix", family),
+        self.info = LearnerInfo(tokenizer_hash(self.tokenizer), family_digest("shared-prefix", *parts),
                                 model_config_json(self.private))
         self._tokens_last_round = 0
         self.last_shared_loss = math.nan
+        sizes = [sum(full[n].numel() * full[n].element_size() for n in self.level_shapes(k))
+                 for k in range(self.top_level + 1)]
+        log.info("shared-prefix levels 0..%d send %s MiB per push (before update_codec)%s", self.top_level,
+                 "/".join(f"{b / 2**20:.1f}" for b in sizes),
+                 "; the embedding and head are a frozen base, never sent" if self.frozen else "")
 
     def train_round(self, round_: int) -> TrainResult:
         result = self.trainer.train(self.dataset, steps=self.cfg.train.steps_per_round,
@@ -71,10 +87,11 @@ class PrefixLearner:
         self.level = max(0, min(level, self.top_level))
 
     def level_shapes(self, level: int) -> dict[str, tuple[int, ...]]:
-        return {n: self._shapes[n] for n in prefix.level_names(list(self._shapes), level, self.top_level)}
+        return {n: self._shapes[n] for n in prefix.level_names(list(self._shapes), level, self.top_level,
+                                                                  self.frozen)}
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        return prefix.slice_prefix(state_tensors(self.private), self.level, self.top_level)
+        return prefix.slice_prefix(state_tensors(self.private), self.level, self.top_level, self.frozen)
 
     def validate(self, tensors: dict[str, torch.Tensor], level: int) -> None:
         if not 0 <= level <= self.top_level:

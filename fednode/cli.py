@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -18,7 +19,7 @@ from fednode import __version__
 from fednode.errors import ExitCode, FednodeError
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"fednode: error: {message}", err=True)
     sys.exit(int(code))
 

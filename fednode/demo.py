@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -68,8 +69,9 @@ def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_
     mesh = None
     try:
         with console.status("preparing CA, certificates, configs and code partitions"):
-            overrides = {"train": {"rounds": rounds, "steps_per_round": steps}, "learning": {"mode": mode},
-                         "negotiation": {"min_live_peers": nodes, **(EAGER_NEGOTIATION if eager else {})}}
+            overrides: dict[str, dict[str, Any]] = {
+                "train": {"rounds": rounds, "steps_per_round": steps}, "learning": {"mode": mode},
+                "negotiation": {"min_live_peers": nodes, **(EAGER_NEGOTIATION if eager else {})}}
             mesh = LocalMesh.create(root, nodes, base_port=base_port, overrides=overrides)
         with console.status("building the shared tokenizer (byte-level BPE on the stdlib, cached)"):
             mesh.prepare_tokenizer()
@@ -105,9 +107,9 @@ def run_demo(*, nodes: int, rounds: int, steps: int, workdir: Path | None, base_
         codes = mesh.stop_all()
         title = f"fednode demo ({mode}): {nodes} nodes x {rounds} rounds in {time.monotonic() - started:.0f}s"
         table = Table(title=title)
-        columns = ("node", "rounds", "level per round", "loss before", "loss after", "updates merged", "sent MiB",
+        headers = ("node", "rounds", "level per round", "loss before", "loss after", "updates merged", "sent MiB",
                    "received MiB", "exit")
-        for col in columns:
+        for col in headers:
             table.add_column(col, justify="right" if col != "node" else "left")
         for node in mesh.nodes:
             s = statuses[node.name]

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,8 +65,8 @@ def describe(what: str, family: str) -> str:
 class NodeModel:
     """One model of a node at a committed round, ready to save or score."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # its PreTrainedTokenizer
     what: str
     round: int
     level: int
@@ -125,13 +126,11 @@ def load_node_model(cfg: Config, what: str = "private", round_: int | None = Non
     if not recs:
         raise StoreError(f"no checkpoint: the journal {journal_path} has no committed round yet: let the node "
                          "finish a round first")
-    if round_ is None:
-        rec = recs[-1]
-    else:
-        rec = next((r for r in recs if r.round == round_), None)
-        if rec is None:
-            raise StoreError(f"round {round_} is not in the journal {journal_path} (committed rounds: "
-                             f"{_rounds_text(recs)}): pass one of those to --round")
+    found = recs[-1] if round_ is None else next((r for r in recs if r.round == round_), None)
+    if found is None:
+        raise StoreError(f"round {round_} is not in the journal {journal_path} (committed rounds: "
+                         f"{_rounds_text(recs)}): pass one of those to --round")
+    rec = found
     path = data_dir / "checkpoints" / rec.checkpoint
     if not path.is_file():
         kept = [r for r in recs if (data_dir / "checkpoints" / r.checkpoint).is_file()]

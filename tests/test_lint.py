@@ -1,5 +1,6 @@
-"""Lint is part of the test run (so CI runs it with the README's one test command): the package,
-the tools and the tests are `ruff check` clean under the pyproject's rules."""
+"""Lint and types are part of the test run (so CI runs them with the README's one test command):
+the package, the tools and the tests are `ruff check` clean under the pyproject's rules, and the
+package type-checks with mypy (`mesh`, `security` and `transport` fully annotated)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,10 @@ def test_ruff_check_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run([ruff, "check", "fednode", "tools", "tests", "scripts"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_mypy_finds_no_error_in_the_package():
+    result = subprocess.run([sys.executable, "-m", "mypy", "fednode"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -117,7 +117,7 @@ def _stacked(name: str, holders: list[torch.Tensor]) -> tuple[torch.Tensor, torc
     stack = torch.full((len(holders), *first.shape), math.nan, dtype=torch.float64)
     for i, tensor in enumerate(holders):
         overlap = _prefix([min(a, b) for a, b in zip(first.shape, tensor.shape, strict=True)])
-        stack[(i, *overlap)] = tensor.detach().to("cpu", torch.float64)[overlap]
+        stack[i][overlap] = tensor.detach().to("cpu", torch.float64)[overlap]
     held = ~torch.isnan(stack)
     count = held.sum(dim=0)
     ordered, _ = torch.sort(torch.where(held, stack, math.inf), dim=0)

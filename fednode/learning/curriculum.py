@@ -68,7 +68,7 @@ _BLOCK_NODES = (
     ast.match_case,
 )
 if hasattr(ast, "TryStar"):
-    _BLOCK_NODES = (*_BLOCK_NODES, ast.TryStar)
+    _BLOCK_NODES = (*_BLOCK_NODES, ast.TryStar)  # type: ignore[assignment]
 
 
 def _ast_nesting(tree: ast.AST) -> int:

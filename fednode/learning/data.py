@@ -264,7 +264,7 @@ class TokenDataset:
         """Training tokens (held-out excluded): the data size used by weighting policies."""
         return int(self.train_blocks.numel())
 
-    def train_batches(self, batch_size: int, steps: int, seed: int) -> Iterator[torch.LongTensor]:
+    def train_batches(self, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
         """`steps` batches of random training blocks (with replacement), reproducible from seed."""
         gen = torch.Generator().manual_seed(seed)
         n = self.train_blocks.shape[0]
@@ -272,7 +272,7 @@ class TokenDataset:
             idx = torch.randint(n, (batch_size,), generator=gen)
             yield self.train_blocks[idx].long()
 
-    def heldout_batches(self, batch_size: int) -> list[torch.LongTensor]:
+    def heldout_batches(self, batch_size: int) -> list[torch.Tensor]:
         """The held-out blocks in fixed order; the last batch may be short."""
         return [b.long() for b in torch.split(self.heldout_blocks, batch_size)]
 

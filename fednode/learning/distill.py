@@ -276,6 +276,7 @@ class MutualTrainer:
             first = first or out
         finish_step([list(self.private.parameters()), list(self.messenger.parameters())], optimizers,
                     self.scaler, GRAD_CLIP)
+        assert first is not None  # grad_accum >= 1 (config-checked): at least one micro-batch ran
         return first
 
     def public_distill_step(self, batch: torch.Tensor) -> float:
@@ -336,6 +337,7 @@ class MutualTrainer:
             tokens += batch.numel()
             # public steps spread evenly between the local ones
             for _ in range((public_steps * (i + 1)) // steps - (public_steps * i) // steps if public_on else 0):
+                assert public_blocks is not None  # public_on
                 rows = torch.randint(public_blocks.shape[0], (batch_size * self.placement.grad_accum,),
                                      generator=public_gen)
                 kl_public += self.public_distill_step(public_blocks[rows].long())

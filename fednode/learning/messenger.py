@@ -199,7 +199,7 @@ def messenger_config(ladder: Ladder, level: int, tokenizer=None) -> LlamaConfig:
             f"tokenizer has {len(tokenizer)} tokens but the messenger ladder has vocab_size "
             f"{ladder.vocab_size}: use the ladder matching the site's tokenizer"
         )
-    ids = {key: getattr(tokenizer, key, None) for key in _TOKEN_IDS}
+    ids: dict[str, Any] = {key: getattr(tokenizer, key, None) for key in _TOKEN_IDS}
     return LlamaConfig(
         vocab_size=ladder.vocab_size,
         hidden_size=level_hidden(ladder, spec),
@@ -419,7 +419,7 @@ def grow_optimizer(
         old = old_params.get(name)
         index = groups_of[id(old)] if old is not None else by_role.get(_role(name), 0)
         groups[index]["params"].append(param)
-    grown = type(optimizer)(groups)
+    grown = type(optimizer)(groups)  # type: ignore[call-arg]  # every concrete optimizer has defaults
     grown.defaults = dict(optimizer.defaults)
     template = _latest_state(optimizer)
     for name, param in new_params.items():
@@ -445,7 +445,7 @@ def grow_model(model, ladder: Ladder, to_level: int, growth_seed: int, tokenizer
     new = _new_model(config)
     load_state_tensors(new, grown)
     first = next(model.parameters())
-    new.to(device=first.device, dtype=first.dtype)
+    new.to(device=first.device, dtype=first.dtype)  # type: ignore[call-arg]  # transformers' wrapped .to
     new.train(model.training)
     return new
 

@@ -113,7 +113,7 @@ def _convert_smollm2(gguf: Path, sha256: str, out_dir: Path) -> None:
             raise ConfigError(f"converting preset {SMOLLM2} once needs the {needed!r} package: {SMOLLM2_INSTALL}")
     started = time.monotonic()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
     model.eval()
@@ -254,9 +254,10 @@ def load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"cannot load the tokenizer in {path} ({_one_line(exc)}): re-save it there with save_pretrained"
         ) from None
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True
         )
+        model, info = loaded
     except Exception as exc:
         raise ConfigError(
             f"cannot load a causal LM from {path} ({_one_line(exc)}): it must hold a transformers causal-LM "

@@ -24,7 +24,9 @@ CPython change one, the signature carries the probe's hash and different probes 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -199,10 +201,10 @@ def js_divergence(p: torch.Tensor | ProbeSignature, q: torch.Tensor | ProbeSigna
     kl_am = torch.where(a > 0, a * (a.log() - m.log()), torch.zeros_like(a)).sum(-1)
     kl_bm = torch.where(b > 0, b * (b.log() - m.log()), torch.zeros_like(b)).sum(-1)
     js = (0.5 * (kl_am + kl_bm)).mean()
-    return float(js.clamp(0.0, torch.log(torch.tensor(2.0, dtype=torch.float64))))
+    return float(js.clamp(0.0, math.log(2.0)))
 
 
-def mean_pairwise_js(signatures: list[torch.Tensor | ProbeSignature]) -> float:
+def mean_pairwise_js(signatures: Sequence[torch.Tensor | ProbeSignature]) -> float:
     """Mean JS over all unordered pairs; 0.0 for a single peer (nothing to differ from)."""
     if not signatures:
         raise ValueError("mean_pairwise_js needs at least one signature")

@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fednode import PROTOCOL_VERSION
 from fednode.config import Config, load_config
@@ -75,7 +76,7 @@ def _config_sections(cfg: Config) -> list[str]:
 def split_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     """(the config to run with, keys applied live, keys that need a restart) for a re-read config:
     live keys come from `new`, every other key keeps its running value."""
-    applied: dict[str, object] = {}
+    applied: dict[str, Any] = {}
     live: list[str] = []
     restart: list[str] = []
     for section in _config_sections(old):
@@ -169,7 +170,7 @@ class Daemon:
         self._drain_requested = asyncio.Event()
         self.gossiper: Gossiper | None = None
         self._lock = None
-        self._metrics_server = None
+        self._metrics_server: Any = None  # prometheus_client's WSGIServer once listening
         self.notifier: sdnotify.Notifier | None = None  # only run() talks to systemd: serve() may host many nodes
         self._serving = False  # start() finished: a reload may run
         self._owns_process = False  # run(): signals and the process-wide log level are ours

@@ -157,11 +157,9 @@ async def fetch_state(transport: Transport, sources: list[Recipient], *, request
             last_error = ProtocolError(Reason.TRUNCATED, f"state from {source.node_id} did not arrive within "
                                                          f"the fetch deadline ({timeout:g} s)")
             break
-        except (PeerCallError, ProtocolError) as exc:
-            last_error = exc
-            progress = getattr(exc, "progress", None)
-            if progress is not None:
-                sha, next_chunk, total_written = progress
+        except _Interrupted as stop:
+            last_error = stop.error
+            sha, next_chunk, total_written = stop.progress
             await asyncio.sleep(min(0.2 * (attempt + 1), 1.0, max(0.0, deadline - loop.time())))
             continue
         if isinstance(result, tuple):  # a different state than the one being resumed: start over
@@ -176,11 +174,20 @@ async def fetch_state(transport: Transport, sources: list[Recipient], *, request
     raise last_error
 
 
+class _Interrupted(Exception):
+    """A state transfer that stopped part-way: the peer's error and how far it got
+    (sha256, next chunk, bytes written), so the next attempt resumes instead of restarting."""
+
+    def __init__(self, error: PeerCallError | ProtocolError, progress: tuple[str, int, int]):
+        super().__init__(str(error))
+        self.error, self.progress = error, progress
+
+
 async def _fetch_once(transport: Transport, source: Recipient, *, requester: str, trust: TrustStore,
                       key: PayloadKey, dest_dir: Path, min_round: int, max_payload: int, timeout: float,
                       resume: tuple[str, int, int]) -> FetchedState | tuple[str, int, int]:
     """One FetchState call. Returns the state, or the (sha, next chunk, bytes) to restart from; a
-    failure carries how far it got in `exc.progress`."""
+    failure is raised as `_Interrupted`, with how far it got."""
     sha, next_chunk, total_written = resume
     request = pb.StateRequest(requester_id=requester, min_round=min_round, from_chunk=next_chunk,
                               content_sha256=sha)
@@ -219,5 +226,4 @@ async def _fetch_once(transport: Transport, source: Recipient, *, requester: str
                                                  f"announced {header.content_sha256}")
         return FetchedState(part, sha, header.round, header.epoch, header.sender_id, total_written)
     except (PeerCallError, ProtocolError) as exc:
-        exc.progress = (sha, next_chunk, total_written)  # type: ignore[attr-defined]
-        raise
+        raise _Interrupted(exc, (sha, next_chunk, total_written)) from exc

@@ -62,9 +62,9 @@ class Gossiper:
             self._note_seed_error(address, str(exc))
             return
         outcome = ctx.membership.merge_hello(hello)
-        for peer, exc in outcome.refused:
-            ctx.metrics.reject(reason_name(exc.reason))
-            self._note_seed_error(address, f"refused {peer}: {exc}")
+        for peer, refusal in outcome.refused:
+            ctx.metrics.reject(reason_name(refusal.reason))
+            self._note_seed_error(address, f"refused {peer}: {refusal}")
         if not outcome.refused:
             self._seed_errors.pop(address, None)
             await self.exchange(address)
@@ -79,9 +79,9 @@ class Gossiper:
             return
         ctx.offer_revocation_list(reply.revocation_list, reply.sender_id or address)
         outcome = ctx.membership.merge(reply)
-        for peer, exc in outcome.refused:
-            ctx.metrics.reject(reason_name(exc.reason))
-            log.warning("refused peer record: %s", exc, extra={"peer": peer})
+        for peer, refusal in outcome.refused:
+            ctx.metrics.reject(reason_name(refusal.reason))
+            log.warning("refused peer record: %s", refusal, extra={"peer": peer})
 
     def _learn_from_refusal(self, address: str, exc: PeerCallError) -> None:
         """A peer that refuses our certificate as revoked sends the revocation list along: adopt it

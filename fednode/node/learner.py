@@ -24,7 +24,7 @@ from fednode.learning import curriculum, messenger, probe, public, weighting
 from fednode.learning.aggregate import validate_update
 from fednode.learning.data import TokenDataset
 from fednode.learning.device import Placement
-from fednode.learning.distill import MutualTrainer
+from fednode.learning.distill import MutualResult, MutualTrainer
 from fednode.learning.merge import MAX_UPDATE_NORM, Contribution, keep_or_restore, weighted_merge
 from fednode.learning.models import build_model, family_hash, load_state_tensors, resolve_preset, state_tensors
 from fednode.learning.optim_state import load_optimizer_tensors, model_tensors, optimizer_tensors
@@ -255,7 +255,7 @@ class MessengerLearner:
                                 model_config_json(self.private))
         self._tokens_last_round = 0
         self.last_shared_loss = math.nan
-        self.last_result = None
+        self.last_result: MutualResult | None = None
 
     @property
     def messenger(self):

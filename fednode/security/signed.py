@@ -16,7 +16,7 @@ def verify_negotiation(trust: TrustStore, blob: pb.SignedBlob, node_id: str) -> 
     if signer != node_id:
         raise ProtocolError(Reason.BAD_SIGNATURE, f"negotiation record of {node_id} is signed by {signer}")
     try:
-        rec = pb.NegotiationRecord.FromString(bytes(blob.body))
+        rec: pb.NegotiationRecord = pb.NegotiationRecord.FromString(bytes(blob.body))
     except Exception:  # noqa: BLE001
         raise ProtocolError(Reason.MALFORMED, f"negotiation record of {node_id} does not parse") from None
     if rec.node_id != node_id:

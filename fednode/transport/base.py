@@ -92,7 +92,7 @@ def status_code_for(reason: int) -> str:
     return _REASON_CODES.get(reason, "INVALID_ARGUMENT")
 
 
-_REASON_CODES = {
+_REASON_CODES: dict[int, str] = {
     Reason.PROTOCOL_MISMATCH: "FAILED_PRECONDITION",
     Reason.TOKENIZER_MISMATCH: "FAILED_PRECONDITION",
     Reason.FAMILY_MISMATCH: "FAILED_PRECONDITION",

@@ -28,8 +28,10 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fednode.errors import ConfigError
+from fednode.security.pki import NodeIdentity
 from fednode.store import atomic
 from fednode.transport.base import PeerCallError, PeerHandler, Transport
 from fednode.v1 import peer_pb2 as pb
@@ -136,10 +138,10 @@ class FaultyTransport(Transport):
         self.inner = inner
         self.plan = plan
 
-    def __getattr__(self, name: str):  # health, ...: the wrapped transport's
+    def __getattr__(self, name: str) -> Any:  # health, ...: the wrapped transport's
         return getattr(self.inner, name)
 
-    def set_identity(self, identity) -> None:
+    def set_identity(self, identity: NodeIdentity) -> None:
         self.inner.set_identity(identity)
 
     async def _before(self, address: str) -> FaultPlan:
@@ -193,7 +195,8 @@ def _crash_if_planned(plan: FaultPlan, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def wrap_from_env(factory: Callable, environ: dict[str, str] | None = None) -> Callable:
+def wrap_from_env(factory: Callable[[NodeIdentity], Transport],
+                  environ: dict[str, str] | None = None) -> Callable[[NodeIdentity], Transport]:
     """`factory` unchanged unless FEDNODE_FAULTS names a plan file; then a wrapping factory."""
     path = (environ if environ is not None else os.environ).get(ENV_VAR, "")
     if not path:

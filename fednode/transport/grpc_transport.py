@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # A chunk is at most 16 MiB of plaintext (config bound) plus framing; nothing larger is accepted.
 MAX_MESSAGE = 17 * 1024 * 1024
+M = TypeVar("M", bound=Message)  # a request message type
+R = TypeVar("R")  # a handler's reply
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 REVOCATION_METADATA_KEY = "fednode-revocation-list-bin"
 MAX_REVOCATION_METADATA = 4096  # well under gRPC's 8 KiB metadata limit; larger lists still spread by gossip
@@ -57,7 +60,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
     await context.abort(code, exc.detail)
 
 
-async def _drain(stream, max_chunks: int = 65_536, max_seconds: float = 3.0) -> None:
+async def _drain(stream: AsyncIterator[object], max_chunks: int = 65_536, max_seconds: float = 3.0) -> None:
     """Read (and drop) a little of a refused client stream before answering: a status sent while
     the client is still writing can be lost to a stream reset, and the peer would then see an
     untyped error instead of the reason. Bounded, so a hostile endless stream costs us little."""
@@ -85,22 +88,23 @@ class Undecodable:
                                                f"send a serialized fednode.v1.{self.type_name}")
 
 
-def _lenient(message_type):
-    def parse(data: bytes):
+def _lenient(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+    def parse(data: bytes) -> M | Undecodable:
         try:
-            return message_type.FromString(data)
+            message: M = message_type.FromString(data)
+            return message
         except DecodeError:
             return Undecodable(message_type.DESCRIPTOR.name, len(data))
     return parse
 
 
-def _decoded(request):
+def _decoded(request: M | Undecodable) -> M:
     if isinstance(request, Undecodable):
         raise request.refusal()
     return request
 
 
-async def _decoded_stream(stream: AsyncIterator) -> AsyncIterator[pb.Chunk]:
+async def _decoded_stream(stream: AsyncIterator[pb.Chunk | Undecodable]) -> AsyncIterator[pb.Chunk]:
     async for chunk in stream:
         yield _decoded(chunk)
 
@@ -117,31 +121,33 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         if refused is not None:
             refused(exc, caller)
 
-    async def Handshake(self, request, context):  # noqa: N802 (generated name)
+    def _decode(self, request: M | Undecodable, caller: Caller) -> M:
+        try:
+            return _decoded(request)
+        except ProtocolError as exc:
+            self._count(exc, caller)
+            raise
+
+    async def _unary(self, request: M | Undecodable, context: grpc.aio.ServicerContext,
+                     handle: Callable[[M, Caller], Awaitable[R]]) -> R:
+        """Decode (counted refusal if it does not parse), handle, or abort with the typed reason."""
         caller = _caller(context)
         try:
-            try:
-                request = _decoded(request)
-            except ProtocolError as exc:
-                self._count(exc, caller)
-                raise
-            return await self.handler.handle_handshake(request, caller)
+            return await handle(self._decode(request, caller), caller)
         except ProtocolError as exc:
             await _abort(context, exc)
+            raise  # abort raises; never reached
 
-    async def Gossip(self, request, context):  # noqa: N802
-        caller = _caller(context)
-        try:
-            try:
-                request = _decoded(request)
-            except ProtocolError as exc:
-                self._count(exc, caller)
-                raise
-            return await self.handler.handle_gossip(request, caller)
-        except ProtocolError as exc:
-            await _abort(context, exc)
+    async def Handshake(self, request: pb.SignedHello | Undecodable,  # type: ignore[override]  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> pb.SignedHello:
+        return await self._unary(request, context, self.handler.handle_handshake)
 
-    async def PushMessenger(self, request_iterator, context):  # noqa: N802
+    async def Gossip(self, request: pb.Digest | Undecodable,  # type: ignore[override]  # noqa: N802
+                     context: grpc.aio.ServicerContext) -> pb.Digest:
+        return await self._unary(request, context, self.handler.handle_gossip)
+
+    async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # type: ignore[override]  # noqa: N802,E501
+                            context: grpc.aio.ServicerContext) -> pb.Receipt:
         caller = _caller(context)
         stream = _decoded_stream(request_iterator)
         try:
@@ -160,16 +166,13 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         except ProtocolError as exc:
             await _drain(request_iterator)
             await _abort(context, exc)
+            raise  # abort raises; never reached
 
-    async def FetchState(self, request, context):  # noqa: N802
+    async def FetchState(self, request: pb.StateRequest | Undecodable,  # type: ignore[override]  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
         caller = _caller(context)
         try:
-            try:
-                request = _decoded(request)
-            except ProtocolError as exc:
-                self._count(exc, caller)
-                raise
-            async for chunk in self.handler.handle_fetch(request, caller):
+            async for chunk in self.handler.handle_fetch(self._decode(request, caller), caller):
                 yield chunk
         except ProtocolError as exc:
             await _abort(context, exc)
@@ -216,7 +219,7 @@ class GrpcTransport(Transport):
         self._credentials = tls.channel_credentials(identity)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retired: set[grpc.aio.Channel] = set()
-        self._retire_tasks: set[asyncio.Task] = set()
+        self._retire_tasks: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
@@ -283,19 +286,22 @@ class GrpcTransport(Transport):
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         try:
-            return await self._stub(address).Handshake(hello, timeout=timeout)
+            reply: pb.SignedHello = await self._stub(address).Handshake(hello, timeout=timeout)
+            return reply
         except grpc.aio.AioRpcError as exc:
             raise _call_error(address, exc) from None
 
     async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
         try:
-            return await self._stub(address).Gossip(digest, timeout=timeout)
+            answer: pb.Digest = await self._stub(address).Gossip(digest, timeout=timeout)
+            return answer
         except grpc.aio.AioRpcError as exc:
             raise _call_error(address, exc) from None
 
     async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
         try:
-            return await self._stub(address).PushMessenger(chunks, timeout=timeout)
+            receipt: pb.Receipt = await self._stub(address).PushMessenger(chunks, timeout=timeout)
+            return receipt
         except grpc.aio.AioRpcError as exc:
             raise _call_error(address, exc) from None
 

@@ -10,7 +10,9 @@ steady-state rounds (after the whole mesh is live), mean over nodes and rounds.
 
 from __future__ import annotations
 
+from fednode.config import LearningSection
 from fednode.learning import messenger
+from fednode.learning.compress import compress
 from fednode.transport.tensorstream import encode
 from tools.scaling import FANOUT, LEVEL, measure
 
@@ -24,8 +26,9 @@ def run_mesh(root, n: int, round_timeout_s: float) -> tuple[list[list], float]:
 
 def test_messenger_bytes_per_node_per_round_do_not_grow_with_mesh_size(tmp_path, caplog):
     ladder = messenger.LADDERS["micro"]
-    per_push = encode({k: _zeros(s) for k, s in messenger.level_shapes(ladder, LEVEL).items()},
-                      {"round": "1", "sender": "n00"}).total_size  # one level-LEVEL messenger on the wire
+    wire, meta = compress({k: _zeros(s) for k, s in messenger.level_shapes(ladder, LEVEL).items()},
+                          LearningSection().update_codec)  # the default codec, as the nodes push
+    per_push = encode(wire, {"round": "1", "sender": "n00", **meta}).total_size  # one level-LEVEL messenger
     means = {}
     timings = {}
     failures = {}

@@ -109,8 +109,8 @@ def test_a_mixed_mesh_merges_int8_and_fp32_pushes_over_the_real_node_code(tmp_pa
     from fednode.store.journal import Journal
     from tools.harness.sim import SimHarness, sim_configs
 
-    configs = sim_configs(tmp_path, 2, overrides={"learning": {"mode": "fedavg", "aggregation": "mean"},
-                                                  "train": {"round_timeout_s": 20.0},
+    learning = {"mode": "fedavg", "aggregation": "mean", "update_codec": "none"}
+    configs = sim_configs(tmp_path, 2, overrides={"learning": learning, "train": {"round_timeout_s": 20.0},
                                                   "negotiation": {"min_live_peers": 2}},
                           per_node={"n1": {"learning": {"update_codec": "int8"}}}, seeds=1)
 

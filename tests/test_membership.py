@@ -237,6 +237,19 @@ def test_restarted_peer_replaces_the_old_record(mesh):
     assert a.view.members["n2"].version == (2, 1)
 
 
+def test_a_peer_first_seen_or_restarted_is_announced_so_its_old_connection_is_dropped(mesh):
+    clock = Clock()
+    a, old = make_node(mesh["n1"], clock), make_node(mesh["n2"], clock, incarnation=1)
+    started: list[str] = []
+    a.view.on_start = started.append
+    a.view.merge(digest("n2", record(old, 2)))
+    a.view.merge(digest("n2", record(old, 3)))  # a heartbeat: the same daemon, nothing to redial
+    assert started == [old.body.address]
+    new = make_node(mesh["n2"], clock, incarnation=2)
+    a.view.merge(digest("n2", record(new, 1)))
+    assert started == [old.body.address, new.body.address]
+
+
 def test_our_own_record_is_never_overwritten(mesh):
     clock = Clock()
     a = make_node(mesh["n1"], clock)

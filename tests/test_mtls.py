@@ -143,3 +143,20 @@ def test_expired_identity_gets_no_credentials(mesh):
         tls.server_credentials(expired)
     with pytest.raises(PkiError, match="expired"):
         tls.channel_credentials(expired)
+
+
+def test_forget_drops_the_cached_channel_so_a_restarted_peer_is_dialled_afresh(mesh):
+    """A channel to a peer that was down sits in reconnect backoff; `forget` (called when the
+    peer's new incarnation is first seen) makes the next call open a new one."""
+    from fednode.transport.grpc_transport import GrpcTransport
+
+    async def main() -> None:
+        transport = GrpcTransport(mesh["n1"])
+        first = transport._channel("127.0.0.1:9")
+        assert transport._channel("127.0.0.1:9") is first  # cached
+        transport.forget("127.0.0.1:9")
+        transport.forget("127.0.0.1:10")  # nothing cached there: nothing to do
+        assert transport._channel("127.0.0.1:9") is not first
+        await transport.close(0)
+
+    asyncio.run(main())

@@ -118,15 +118,18 @@ class Membership:
     def __init__(self, own_hello: pb.SignedHello, own_body: pb.HelloBody, trust: TrustStore, *,
                  suspect_after: float, dead_after: float, clock: Callable[[], float] = time.monotonic,
                  chain: HeartbeatChain | None = None,
-                 renew: Callable[[HeartbeatChain, int], pb.SignedHello] | None = None):
+                 renew: Callable[[HeartbeatChain, int], pb.SignedHello] | None = None,
+                 on_start: Callable[[str], None] = lambda _address: None):
         """`chain`: ours, anchored in `own_body` at heartbeat 1; `renew(chain, base)` signs a Hello
         with a new chain's anchor when ours runs out (no chain: our heartbeats carry no proof,
-        which peers refuse: for tests of the receiving side only)."""
+        which peers refuse: for tests of the receiving side only). `on_start(address)` is called for
+        a peer first seen, or seen in a new incarnation (it restarted): the transport forgets its
+        old connection."""
         self.trust = trust
         self.clock = clock
         self.suspect_after = suspect_after
         self.dead_after = dead_after
-        self.chain, self.renew = chain, renew
+        self.chain, self.renew, self.on_start = chain, renew, on_start
         self.impostors: set[str] = set()  # addresses of other daemons seen announcing our node id
         self.self_member = Member(own_hello, own_body, heartbeat=1, left=False, last_round=0, changed_at=clock())
         self.members: dict[str, Member] = {}
@@ -224,6 +227,8 @@ class Membership:
             log.info("peer joined", extra={"peer": body.node_id, "address": body.address})
         else:
             outcome.updated += 1
+        if current is None or current.body.incarnation != body.incarnation:
+            self.on_start(body.address)
         member = Member(record.hello, body, record.heartbeat, record.left, record.last_round, self.clock(),
                         proof=proof, farewell=farewell)
         if current is not None:

@@ -209,7 +209,8 @@ class Daemon:
             return ctx.own_hello
 
         membership = Membership(pb.SignedHello(), body, trust, suspect_after=cfg.mesh.suspect_after_s,
-                                dead_after=cfg.mesh.dead_after_s, chain=chain, renew=renew)
+                                dead_after=cfg.mesh.dead_after_s, chain=chain, renew=renew,
+                                on_start=transport.forget)
         ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
                           own_hello=pb.SignedHello(), own_body=body)
         self.ctx = ctx

@@ -143,8 +143,11 @@ class PeerService:
             if len(self._quiet_logged) > 4096:
                 self._quiet_logged.clear()
             self._quiet_logged[key] = now
-        log.warning("refused peer message: %s", exc.detail,
-                    extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
+        # a round the receiver has left or not reached yet is mesh timing (a joiner catching up, a
+        # straggler), not a fault: counted like every refusal, logged without alarm
+        level = logging.INFO if exc.reason in (Reason.STALE_ROUND, Reason.NOT_READY) else logging.WARNING
+        log.log(level, "refused peer message: %s", exc.detail,
+                extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 
     # Each handler counts and logs its own refusals, so every transport reports them the same way.
 

@@ -45,6 +45,7 @@ MAX_DONORS = 3  # donors tried per catch-up, within one round_timeout_s
 BAD_STATE_BLACKLIST_ROUNDS = 10  # x round_timeout_s: a donor that served a bad state is not asked again
 FAILED_DONOR_BLACKLIST_ROUNDS = 2  # x round_timeout_s: one that did not deliver in time
 CATCHUP_NORM_RATIO = 16.0  # a caught-up state is rounds ahead of ours: only its norm is compared, loosely
+FIRST_CONTACT_GOSSIPS = 3  # x gossip_interval_s: the longest a node waits to hear a peer before its first round
 
 
 class RoundLoop:
@@ -67,6 +68,7 @@ class RoundLoop:
 
     async def run(self) -> None:
         ctx = self.ctx
+        await self.hear_the_mesh()
         while not ctx.draining and not self.finished():
             await self.maybe_catch_up()
             if ctx.draining or self.finished():
@@ -75,6 +77,21 @@ class RoundLoop:
         ctx.phase = Phase.DRAINING if ctx.draining else Phase.DONE
 
     # ------------------------------------------------------------------ catch-up
+
+    async def hear_the_mesh(self) -> None:
+        """Before the first round, wait (bounded) to hear a peer's signed round: a node joining a
+        running mesh then catches up at once instead of training and pushing a round the mesh left
+        long ago (refused STALE_ROUND at both ends, a round lost). A fresh mesh (nobody has
+        committed, so nobody has signed a round) and a node whose seeds are down start after the
+        bound; a node with no seeds at once."""
+        ctx = self.ctx
+        if not self.learner.shares or not ctx.cfg.mesh.seeds:
+            return
+        deadline = self.clock() + FIRST_CONTACT_GOSSIPS * ctx.cfg.mesh.gossip_interval_s
+        while not ctx.draining and self.clock() < deadline:
+            if any(r > ctx.committed_round for n, r in self.signed_rounds().items() if n != ctx.node_id):
+                return
+            await asyncio.sleep(0.05)
 
     def signed_rounds(self) -> dict[str, int]:
         """Live peers' committed rounds as they signed them (their NegotiationRecord), never the
@@ -338,7 +355,9 @@ class RoundLoop:
                                        timeout=remaining, level=self.learner.level, metadata=metadata)
         except PeerCallError as exc:
             ctx.metrics.push_failures.labels(member.node_id).inc()
-            log.warning("push failed: %s", exc, extra={"round": round_, "peer": member.node_id})
+            timing = exc.reason in (Reason.STALE_ROUND, Reason.NOT_READY)  # the peer is behind, ahead or leaving
+            log.log(logging.INFO if timing else logging.WARNING, "push failed: %s", exc,
+                    extra={"round": round_, "peer": member.node_id})
             return 0
         ctx.metrics.sent(member.node_id, nbytes, -(-nbytes // ctx.chunk_size))
         return nbytes

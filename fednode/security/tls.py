@@ -82,7 +82,9 @@ def channel_options(max_message: int = 8 * 1024 * 1024, *,
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 1_000),
-        ("grpc.max_reconnect_backoff_ms", 30_000),
+        # a peer down for long is redialled at most this often; one that restarts is forgotten
+        # (Transport.forget) and dialled at once
+        ("grpc.max_reconnect_backoff_ms", 10_000),
     ]
     if target_node_id is not None:
         options.append(("grpc.ssl_target_name_override", target_node_id.lower()))

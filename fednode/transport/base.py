@@ -86,6 +86,10 @@ class Transport(abc.ABC):
         """Use a reloaded certificate from now on (new connections; open ones stay). Transports
         without TLS (the in-memory twin) have nothing to swap."""
 
+    def forget(self, address: str) -> None:  # noqa: B027 - a default, not a stub
+        """A peer (re)started at `address`: the next call dials it afresh instead of waiting out a
+        reconnect backoff built up while it was down. Transports without connections: nothing."""
+
 
 def status_code_for(reason: int) -> str:
     """The gRPC status code name a refusal is sent with (one place, so both transports agree)."""

@@ -144,6 +144,9 @@ class FaultyTransport(Transport):
     def set_identity(self, identity: NodeIdentity) -> None:
         self.inner.set_identity(identity)
 
+    def forget(self, address: str) -> None:
+        self.inner.forget(address)
+
     async def _before(self, address: str) -> FaultPlan:
         plan = self.plan()
         if plan.latency_ms:

@@ -259,6 +259,21 @@ class GrpcTransport(Transport):
             self._retire_tasks.add(task)
             task.add_done_callback(self._retire_tasks.discard)
 
+    def forget(self, address: str) -> None:
+        """Drop the cached channel to `address`: while that peer was down the channel's reconnect
+        backoff grew (up to `max_reconnect_backoff_ms`), and a peer that just (re)joined would
+        otherwise stay unreachable for that long. Calls in flight on it finish."""
+        channel = self._channels.pop(address, None)
+        if channel is None:
+            return
+        self._retired.add(channel)
+        try:
+            task = asyncio.get_running_loop().create_task(self._close_later([channel], RETIRE_CHANNELS_AFTER_S))
+        except RuntimeError:  # no loop running (a synchronous caller): closed with the transport
+            return
+        self._retire_tasks.add(task)
+        task.add_done_callback(self._retire_tasks.discard)
+
     async def _close_later(self, channels: list[grpc.aio.Channel], delay: float) -> None:
         await asyncio.sleep(delay)
         for channel in channels:

@@ -156,6 +156,24 @@ def _attack(h: ProcessHarness, mallory: Insider) -> None:
                  lambda st: sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-")) > caught,
                  BOUND_S, NAMES)
 
+    # 4c. the lure a third time, for the last node that never asked mallory: 4 KiB of random bytes
+    # with a matching sha256 (the victim exited 5, "checkpoint corrupt", and systemd kept it down):
+    # a counted MALFORMED refusal, the process lives on and catches up from an honest donor
+    mallory.serve_state(None, raw=os.urandom(4096))
+    lagger = "node-1"
+    mallory.keep_gossiping([h.address(n) for n in NAMES], interval=0.15, mirror_round=True,
+                           lagging=frozenset({lagger}))
+    _lag_behind(h, lagger, ["node-0", "node-2"])
+    h.wait_until("the lagger refused mallory's random bytes",
+                 lambda st: any(e.get("peer") == "mallory" and e.get("reason") == "MALFORMED"
+                                for e in log_events(h, lagger, "refused a caught-up state")), BOUND_S, NAMES)
+    assert h.alive(lagger)
+    caught = sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-"))
+    h.block_fetch(lagger, [])
+    h.wait_until("the lagger caught up from an honest donor after the random bytes",
+                 lambda st: sum(1 for r in h.rounds(lagger) if r.source.startswith("fetched:node-")) > caught,
+                 BOUND_S, NAMES)
+
     # 5. liveness: mallory relays node-0's hello with a heartbeat far above its own and left = true
     # (node-0 looked gone to everyone until it restarted): refused, node-0 stays alive
     reply = mallory.gossip(h.address("node-1"))

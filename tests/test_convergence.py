@@ -85,6 +85,19 @@ def test_compressed_arms_and_refusals_are_reported():
     assert "adaptive-int8: LOSS_JUMP 3, NOT_FINITE 1" in text and "adaptive-int8 (int8 pushes)" in text
 
 
+def test_the_ensemble_is_scored_against_fedavgs_target_too():
+    runs = [_run("fedavg", 0, [3.0, 2.6, 2.0], 1000), _run("adaptive", 0, [3.0, 2.5, 2.2], 100)]
+    for point, ens in zip(runs[1]["rounds"], [None, 2.03, 2.01], strict=True):  # not scored in round 1
+        point["nll_ens"], point["nll_m"] = ens, None if ens is None else ens + 0.05
+    summary = analyze.analyze(runs, tolerance=0.02)  # target 2.04: P never reaches it, P+M in round 2
+    assert summary["arms"]["adaptive"]["rounds_to_target"]["n"] == 0
+    ens = summary["ensemble"]["adaptive"]
+    assert ens["rounds_ratio"] == pytest.approx(2 / 3) and ens["bytes_ratio"] == pytest.approx(200 / 3000)
+    assert ens["seeds_at_target"] == 1 and "fedavg" not in summary["ensemble"]
+    text = analyze.markdown(summary, {"preset": "t", "command": "x", "machine": {}, "seeds": [0]})
+    assert "adaptive scored as its P+M ensemble: rounds_ratio 0.67" in text
+
+
 def test_family_figures_give_gain_recovered_and_capacity_gain_per_family():
     runs = [_run("local", s, [3.0, 2.8], 0) for s in (0, 1)]
     runs += [_run("fedavg", s, [3.0, 2.4], 1000) for s in (0, 1)]

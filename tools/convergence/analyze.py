@@ -35,11 +35,15 @@ def analyze(runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
                 "wall_s": to_target(nll, [p["wall_s"] for p in r["rounds"]], target),
             })
         last = [r["rounds"][-1] for r in rs if r["rounds"]]
+        ensemble = [_ensemble_to_target(r, target) for r in rs]
         arms[arm] = {
             "rounds_to_target": mean_interval([s["rounds"] for s in per_seed]),
             "bytes_to_target": mean_interval([s["bytes"] for s in per_seed]),
             "wall_s_to_target": mean_interval([s["wall_s"] for s in per_seed]),
             "per_seed": per_seed,
+            # the P+M ensemble (scored where the arm has a messenger): what a distilled site can run
+            "ensemble_rounds_to_target": mean_interval([e[0] for e in ensemble]),
+            "ensemble_bytes_to_target": mean_interval([e[1] for e in ensemble]),
             "final_nll_bpb": _mean([p["nll_bpb"] for p in last]),
             "final_val_loss": _mean([p["val_loss"] for p in last]),
             "final_level": _mean([p["level"] for p in last]),
@@ -63,6 +67,15 @@ def analyze(runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
               "bytes_ratio_vs_fedavg_int8": headline("bytes_to_target", arm, "fedavg-int8")}
         for arm in ("adaptive-int8", "prefix-adaptive-int8", "fedavg-int8") if arm in arms}
 
+    # a distilled site may run P+M (two models, ~1.1x P's inference cost): the same ratios for it
+    ensemble = {
+        arm: {"rounds_ratio": ratio(arms[arm]["ensemble_rounds_to_target"]["mean"],
+                                    arms.get("fedavg", {}).get("rounds_to_target", {}).get("mean")),
+              "bytes_ratio": ratio(arms[arm]["ensemble_bytes_to_target"]["mean"],
+                                   arms.get("fedavg", {}).get("bytes_to_target", {}).get("mean")),
+              "seeds_at_target": arms[arm]["ensemble_rounds_to_target"]["n"]}
+        for arm in ("adaptive", "adaptive-int8") if arm in arms and arms[arm]["ensemble_rounds_to_target"]["of"]}
+
     prefix = family_figures(arms, "prefix-")
     if prefix is not None:
         prefix.update(rounds_ratio=headline("rounds_to_target", "prefix-adaptive"),
@@ -70,7 +83,19 @@ def analyze(runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
     return {"target_nll_bpb": target, "target_set_by": set_by, "tolerance": tolerance, "arms": arms,
             "rounds_ratio": headline("rounds_to_target"), "bytes_ratio": headline("bytes_to_target"),
             "wall_ratio": headline("wall_s_to_target"), "at_adaptive_best": _at_adaptive_best(by_arm, curves),
-            **(family_figures(arms, "") or {}), "shared_prefix": prefix, "int8": compressed or None}
+            **(family_figures(arms, "") or {}), "shared_prefix": prefix, "int8": compressed or None,
+            "ensemble": ensemble or None}
+
+
+def _ensemble_to_target(run: dict[str, Any], target: float) -> tuple[float | None, float | None]:
+    """(rounds, bytes) at which the run's P+M ensemble first reaches the target, over the rounds
+    where it was scored; (None, None) when it never does or was never scored."""
+    points = [p for p in run["rounds"] if math.isfinite(p.get("nll_ens", math.nan))]
+    if not points:
+        return None, None
+    curve = [p["nll_ens"] for p in points]
+    return (to_target(curve, [p["round"] for p in points], target),
+            to_target(curve, [p["bytes_per_node"] for p in points], target))
 
 
 def _refusals(rs: list[dict[str, Any]]) -> dict[str, int]:
@@ -244,6 +269,9 @@ def _family_lines(summary: dict[str, Any]) -> list[str]:
     if refused:
         out.append("Peer inputs refused in these honest meshes (all nodes and seeds): " + "; ".join(
             f"{arm}: " + ", ".join(f"{k} {v}" for k, v in sorted(r.items())) for arm, r in refused.items()) + "  ")
+    for arm, r in (summary.get("ensemble") or {}).items():
+        out.append(f"{arm} scored as its P+M ensemble: rounds_ratio {f(r['rounds_ratio'], 2)}, bytes_ratio "
+                   f"{f(r['bytes_ratio'], 2)} vs fp32 fedavg's P ({r['seeds_at_target']} seeds at the target)  ")
     for arm, r in (summary.get("int8") or {}).items():
         out.append(f"{arm} (int8 pushes): rounds_ratio {f(r['rounds_ratio'], 2)}, bytes_ratio {f(r['bytes_ratio'], 2)} "
                    f"vs fp32 fedavg, {f(r['bytes_ratio_vs_fedavg_int8'], 2)} vs int8 fedavg  ")

@@ -165,6 +165,7 @@ def _finish(summary: dict | None, meta: dict, out: Path) -> None:
         "shared_prefix": {k: (summary.get("shared_prefix") or {}).get(k)
                           for k in ("rounds_ratio", "bytes_ratio", "gain_recovered", "capacity_gain")},
         "int8": summary.get("int8"),
+        "ensemble": summary.get("ensemble"),
         "target_nll_bpb": summary["target_nll_bpb"],
         "at_adaptive_best": {k: (summary.get("at_adaptive_best") or {}).get(k)
                              for k in ("target_nll_bpb", "rounds_ratio", "bytes_ratio")},

@@ -23,3 +23,11 @@ def test_mypy_finds_no_error_in_the_package():
     result = subprocess.run([sys.executable, "-m", "mypy", "fednode"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_pre_commit_hooks_run_the_same_checks():
+    import yaml
+
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    entries = {hook["id"]: hook["entry"] for repo in config["repos"] for hook in repo["hooks"]}
+    assert entries == {"ruff": "ruff check fednode tools tests scripts", "mypy": "python -m mypy fednode"}

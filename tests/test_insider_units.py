@@ -303,3 +303,39 @@ def test_peers_acks_prove_the_proposers_commit_before_anyone_else_commits():
     assert dead.agreement is None  # z is not live
     twice = neg.proven_agreement(zero, {"p": a, "q": a}, live, 2 / 3, self_id="me", peer_acks={"q": ack})
     assert twice.agreement is None  # q's commit and q's ack are one member, one vote
+
+
+def test_a_node_ahead_of_the_confirmed_mesh_does_not_race_on_alone():
+    """A node that stopped waiting for its peers (each missed 3 rounds while it was out of step)
+    closed every round at once and ran hundreds of rounds ahead, never to merge again: a round
+    beyond the confirmed mesh's next one waits instead (one liar's high claim cannot hide it)."""
+    claims = {"a": 20, "b": 20, "c": 19}
+    assert not catchup.ahead_of_mesh(21, claims)  # in step: the mesh works on round 21
+    assert catchup.ahead_of_mesh(22, claims) and catchup.ahead_of_mesh(300, claims)
+    assert catchup.ahead_of_mesh(22, {**claims, "liar": 10**6})  # the confirmed round is still 20
+    assert not catchup.ahead_of_mesh(5, {})  # alone: nobody to wait for
+
+
+def test_a_state_newer_than_planned_is_taken_once_signed_peers_confirm_it():
+    """With fast rounds an honest donor's state is a few rounds past the plan (our view of the mesh's
+    signed rounds is a gossip old): refusing it blacklisted every honest donor and left the lagger
+    racing alone. Fresh claims confirm it; a liar's label stays unconfirmed."""
+    p = catchup.plan(30, 2, {"a": 42, "b": 42, "c": 41})
+    assert p is not None and not catchup.acceptable_round(46, 30, p)
+    assert not catchup.confirms(46, {"a": 42, "b": 42, "c": 41}, p)
+    assert catchup.confirms(46, {"a": 46, "b": 45, "c": 44}, p)  # a gossip later
+    assert not catchup.confirms(10**6, {"a": 46, "b": 45, "c": 44, "liar": 10**6}, p)
+
+
+def test_a_node_whose_peers_are_all_too_far_is_the_one_that_diverged():
+    """A node that raced alone refused every honest state as too far, and they refused its own, for
+    hundreds of rounds: several distinct peers all far (no merge since) means re-sync; one far peer
+    (an insider, or fanout 1) cannot tell who is off, and old refusals age out."""
+    assert not catchup.diverged({"a": 10}, 10, 2)
+    assert catchup.diverged({"a": 9, "b": 10}, 10, 2)
+    assert not catchup.diverged({"a": 5, "b": 10}, 10, 2)  # a's refusal is out of the window
+    assert not catchup.diverged({"a": 9, "b": 10}, 10, 7)  # 7 peers: a catch-up needs 3 to confirm
+    assert catchup.diverged({"a": 9, "b": 10, "c": 10}, 10, 7)
+    p = catchup.plan(20, 0, {"a": 20, "b": 20})
+    assert p is not None and catchup.acceptable_round(20, 20, p, resync=True)  # in step: same round
+    assert not catchup.acceptable_round(20, 20, p) and not catchup.acceptable_round(19, 20, p, resync=True)

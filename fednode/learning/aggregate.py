@@ -237,6 +237,14 @@ DRIFT_RATIO_LIMIT = 4.0  # ... and at most this many times one round's honest dr
 NORM_FLOOR = 1e-3  # an own state of norm ~0 compares against this instead
 
 
+class TooFar(ProtocolError):
+    """A state refused only for its distance from ours: the sender's, or ours, may be the one off
+    (the round loop re-syncs when several peers are all too far, see `catchup.diverged`)."""
+
+    def __init__(self, detail: str):
+        super().__init__(Reason.MALFORMED, detail)
+
+
 def screen(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], *,
            norm_ratio: float = NORM_RATIO_LIMIT, distance_limit: float | None = None) -> None:
     """Refuse (ProtocolError) a peer's state that is far from the receiver's own, on the coordinates
@@ -254,9 +262,8 @@ def screen(own: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
         return
     distance = update_norm(tensors, own, minus=own)
     if distance > distance_limit:
-        raise ProtocolError(Reason.MALFORMED, f"state is {distance:.4g} away from this node's own, more than "
-                                              f"the round's limit {distance_limit:.4g} ({DRIFT_RATIO_LIMIT:g} x "
-                                              f"one round's drift)")
+        raise TooFar(f"state is {distance:.4g} away from this node's own, more than the round's limit "
+                     f"{distance_limit:.4g} ({DRIFT_RATIO_LIMIT:g} x one round's drift)")
 
 
 def distance_limit(own: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor] | None,

@@ -28,6 +28,26 @@ def confirmed_round(claims: Mapping[str, int]) -> int:
     return rounds[k - 1] if k else 0
 
 
+def ahead_of_mesh(open_round: int, claims: Mapping[str, int]) -> bool:
+    """Whether a round we open is beyond what the confirmed mesh works on (its committed round
+    + 1): then nobody will push for it soon, and closing it early would let this node race on
+    alone, never to meet the mesh again. One liar's high claim cannot hide it (confirmed round)."""
+    return bool(claims) and open_round > confirmed_round(claims) + 1
+
+
+DIVERGED_WINDOW = 4  # rounds: far refusals this recent (with no merge since) count towards `diverged`
+
+
+def diverged(far: Mapping[str, int], round_: int, n_peers: int, window: int = DIVERGED_WINDOW) -> bool:
+    """Whether this node, not its peers, is the one off: within `window` rounds it refused as too
+    far (and merged nothing since) the states of at least two distinct peers, and of as many as
+    confirm a catch-up. With one update a round a single refusal cannot tell who is off; several
+    peers all far can, and one insider is one peer. A node that raced alone once never merged
+    again: every honest state was far from its own, and its own from theirs."""
+    recent = sum(1 for r in far.values() if r > round_ - window)
+    return recent >= max(2, confirmations_needed(n_peers))
+
+
 @dataclass(frozen=True)
 class CatchUpPlan:
     target: int  # the confirmed round
@@ -48,6 +68,16 @@ def plan(own_round: int, lag: int, claims: Mapping[str, int], blacklisted: froze
     return CatchUpPlan(target=target, donors=tuple(donors), max_round=target + max(slack, lag))
 
 
-def acceptable_round(fetched_round: int, own_round: int, p: CatchUpPlan) -> bool:
-    """A fetched state must be newer than ours and not beyond what signed peers confirm."""
-    return own_round < fetched_round <= p.max_round
+def acceptable_round(fetched_round: int, own_round: int, p: CatchUpPlan, *, resync: bool = False) -> bool:
+    """A fetched state must be newer than ours (re-syncing: at least the confirmed round) and not
+    beyond what signed peers confirm."""
+    low = min(own_round, p.target - 1) if resync else own_round
+    return low < fetched_round <= p.max_round
+
+
+def confirms(fetched_round: int, claims: Mapping[str, int], p: CatchUpPlan) -> bool:
+    """Whether signed claims now confirm a state labelled `fetched_round` (within the plan's slack of
+    the confirmed round). An honest donor's state is often newer than the plan allowed: with fast
+    rounds the mesh moves on while our view of its signed rounds is a gossip or two old; fresh
+    claims confirm it, a liar's label is never confirmed."""
+    return fetched_round <= confirmed_round(claims) + (p.max_round - p.target)

@@ -13,9 +13,10 @@ import logging
 import math
 import time
 import zlib
+from dataclasses import replace
 
 from fednode.errors import ProtocolError, Reason, StoreError, reason_name
-from fednode.learning.aggregate import distance_limit, screen
+from fednode.learning.aggregate import TooFar, distance_limit, screen
 from fednode.learning.compress import compress
 from fednode.learning.merge import MergeRefused
 from fednode.node import catchup
@@ -46,6 +47,7 @@ BAD_STATE_BLACKLIST_ROUNDS = 10  # x round_timeout_s: a donor that served a bad 
 FAILED_DONOR_BLACKLIST_ROUNDS = 2  # x round_timeout_s: one that did not deliver in time
 CATCHUP_NORM_RATIO = 16.0  # a caught-up state is rounds ahead of ours: only its norm is compared, loosely
 FIRST_CONTACT_GOSSIPS = 3  # x gossip_interval_s: the longest a node waits to hear a peer before its first round
+CONFIRM_GOSSIPS = 4  # x gossip_interval_s: the longest a fetched state newer than planned waits for signed peers
 
 
 class RoundLoop:
@@ -58,6 +60,7 @@ class RoundLoop:
         self.clock = clock
         self.missed: dict[str, int] = {}  # peer -> consecutive rounds it was expected and did not arrive
         self.blacklist: dict[str, float] = {}  # donor -> monotonic time it may be asked again
+        self.far: dict[str, int] = {}  # peer -> last round its state was refused as too far (none merged since)
 
     @property
     def target(self) -> int:
@@ -114,20 +117,24 @@ class RoundLoop:
         ctx = self.ctx
         if not self.learner.shares:  # local mode: nothing travels, in either direction
             return
-        plan = catchup.plan(ctx.committed_round, ctx.cfg.train.catchup_lag, self.signed_rounds(), self.blacklisted())
+        claims = self.signed_rounds()
+        resync = catchup.diverged(self.far, ctx.committed_round, len(claims))
+        plan = catchup.plan(ctx.committed_round, 0 if resync else ctx.cfg.train.catchup_lag, claims,
+                            self.blacklisted())
         if plan is None:
             return
         ctx.phase = Phase.CATCHING_UP
         by_id = {m.node_id: m for m in ctx.membership.live()}
-        log.info("behind the mesh: fetching state", extra={"round": ctx.committed_round, "peer": plan.donors[0],
-                                                          "peer_round": plan.target})
+        log.info("diverged from the mesh (peers' states all too far): fetching state" if resync else
+                 "behind the mesh: fetching state", extra={"round": ctx.committed_round, "peer": plan.donors[0],
+                                                          "peer_round": plan.target, "peers": ",".join(self.far)})
         deadline = self.clock() + ctx.cfg.train.round_timeout_s  # one deadline for every donor together
         for donor in plan.donors[:MAX_DONORS]:
             remaining = deadline - self.clock()
             if remaining <= 0 or ctx.draining or donor not in by_id:
                 break
             try:
-                done = await self._catch_up_from(by_id[donor], plan, remaining)
+                done = await self._catch_up_from(by_id[donor], plan, remaining, resync=resync)
             except StoreError:
                 raise  # our own disk failed, not the donor
             except Exception as exc:  # noqa: BLE001 - any other failure: that donor's, counted; try the next
@@ -138,15 +145,20 @@ class RoundLoop:
             if done:
                 return
 
-    async def _catch_up_from(self, member, plan: catchup.CatchUpPlan, timeout: float) -> bool:
-        """Fetch, validate and adopt one donor's state; False (donor counted and blacklisted) if refused."""
+    async def _catch_up_from(self, member, plan: catchup.CatchUpPlan, timeout: float, *, resync: bool = False) -> bool:
+        """Fetch, validate and adopt one donor's state; False (donor counted and blacklisted) if refused.
+        Re-syncing (`resync`: we diverged, not behind) a state no newer than ours replaces our shared
+        state without a journal row: committed rounds are never rewritten."""
         ctx = self.ctx
         donor = member.node_id
+        deadline = self.clock() + timeout
+        own_round = ctx.committed_round
         try:
             fetched = await fetch_state(ctx.transport, [ctx.recipient(member)], requester=ctx.node_id,
                                         trust=ctx.trust, key=ctx.payload_key,
                                         dest_dir=ctx.cfg.node.data_dir / "incoming",
-                                        min_round=ctx.committed_round + 1, max_payload=self.state_limit(),
+                                        min_round=min(own_round, plan.target - 1) + 1 if resync else own_round + 1,
+                                        max_payload=self.state_limit(),
                                         timeout=timeout)
         except (PeerCallError, ProtocolError) as exc:
             reason = reason_name(exc.reason) if exc.reason else "UNAVAILABLE"
@@ -159,7 +171,9 @@ class RoundLoop:
         try:
             if fetched.sender != donor:
                 raise ProtocolError(Reason.BAD_CERTIFICATE, f"state asked of {donor} is signed by {fetched.sender}")
-            if not catchup.acceptable_round(fetched.round, ctx.committed_round, plan):
+            if fetched.round > plan.max_round and await self._confirmed(fetched.round, plan, deadline):
+                plan = replace(plan, max_round=fetched.round)
+            if not catchup.acceptable_round(fetched.round, own_round, plan, resync=resync):
                 raise ProtocolError(Reason.MALFORMED, f"state labelled round {fetched.round}: signed peers confirm "
                                                       f"round {plan.target} (at most {plan.max_round} accepted)")
             try:
@@ -176,10 +190,26 @@ class RoundLoop:
             return False
         fetched.path.unlink(missing_ok=True)
         self.learner.adopt_shared(tensors, level)
+        self.far.clear()
+        ctx.metrics.received(fetched.sender, fetched.nbytes, 0)
+        if fetched.round <= own_round:  # re-synced in step: the next round trains from the mesh's state
+            log.info("re-synced with the mesh", extra={"round": own_round, "peer": fetched.sender,
+                                                      "peer_round": fetched.round})
+            return True
         await self._commit(fetched.round, loss_before=math.nan, loss_after=math.nan, tokens=0, bytes_sent=0,
                            bytes_received=fetched.nbytes, merged_from=[], source=f"fetched:{fetched.sender}")
-        ctx.metrics.received(fetched.sender, fetched.nbytes, 0)
         log.info("caught up", extra={"round": fetched.round, "peer": fetched.sender})
+        return True
+
+    async def _confirmed(self, fetched_round: int, plan: catchup.CatchUpPlan, deadline: float) -> bool:
+        """Wait (bounded) for signed peers to confirm a state newer than the plan allowed: an honest
+        donor's, when the mesh moved on while we planned from claims a gossip old (refusing it left
+        a lagger racing alone, its donors blacklisted); a liar's label is never confirmed."""
+        limit = min(deadline, self.clock() + CONFIRM_GOSSIPS * self.ctx.cfg.mesh.gossip_interval_s)
+        while not catchup.confirms(fetched_round, self.signed_rounds(), plan):
+            if self.ctx.draining or self.clock() >= limit:
+                return False
+            await asyncio.sleep(0.05)
         return True
 
     def _validate_state(self, tensors, meta: dict[str, str]) -> int:
@@ -231,6 +261,9 @@ class RoundLoop:
             ctx.phase = Phase.COLLECTING
             expected = expected_senders(round_, ctx.node_id, ids, fanout)
             waited = {p for p in expected if self.missed.get(p, 0) < MISSED_ROUNDS_LIMIT}
+            others = {n: r for n, r in self.signed_rounds().items() if n != ctx.node_id}
+            if expected and not waited and catchup.ahead_of_mesh(round_, others):
+                waited = expected  # we ran ahead of everyone: wait for the mesh, do not race on alone
             await ctx.inbox.wait_for(round_, waited, max(0.0, deadline - time.monotonic()))
             if ctx.draining:
                 log.info("round abandoned for drain", extra={"round": round_})
@@ -290,6 +323,7 @@ class RoundLoop:
         ctx = self.ctx
         own = self.learner.shared_state()
         contributions = []
+        far = []
         limit = await asyncio.to_thread(distance_limit, own, start, [u.tensors for u in updates]) if updates else None
         for u in updates:
             try:
@@ -298,8 +332,13 @@ class RoundLoop:
                 ctx.metrics.refuse_input("merge", u.sender, reason_name(exc.reason))
                 log.warning("refused an update at merge: %s", exc.detail,
                             extra={"peer": u.sender, "round": round_, "reason": reason_name(exc.reason)})
+                if isinstance(exc, TooFar):
+                    far.append(u.sender)
                 continue
             contributions.append(Contribution(u.sender, u.tensors, u.weight))
+        if contributions:
+            self.far.clear()  # we merged with the mesh: in step with it
+        self.far.update(dict.fromkeys(far, round_))
         peer_losses = {n: r.messenger_loss for n, r in self.negotiator.peer_records().items()}
         try:
             return await asyncio.to_thread(self.learner.merge, contributions, peer_losses)

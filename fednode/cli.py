@@ -167,6 +167,9 @@ def run_cmd(config_path: Path, exit_when_done: bool) -> None:
     import asyncio
 
     from fednode.config import load_config
+    from fednode.launcher import die_with_launcher
+
+    die_with_launcher()
     from fednode.observability.logs import setup_logging
 
     cfg = load_config(config_path)

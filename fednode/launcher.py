@@ -37,15 +37,24 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the launching process dies, even by SIGKILL, so no daemon
-    outlives an interrupted harness (Linux prctl PR_SET_PDEATHSIG; elsewhere atexit must do)."""
-    if sys.platform != "linux":
+PARENT_ENV = "FEDNODE_LAUNCHER_PID"  # set for the daemons a LocalMesh starts: they die with it
+
+
+def die_with_launcher() -> None:
+    """In a daemon a LocalMesh started: get SIGKILL when the launching process dies, even by
+    SIGKILL, so no daemon outlives an interrupted harness (Linux prctl PR_SET_PDEATHSIG; elsewhere
+    atexit must do). Called by the daemon itself, not as a Popen preexec_fn: a preexec_fn makes
+    Python fork (not vfork) and run gRPC's fork handlers in the launcher, whose poller thread then
+    aborts the child on a closed epoll fd (grpc/grpc#43055: a restarted daemon died with -6)."""
+    launcher = os.environ.pop(PARENT_ENV, "")
+    if sys.platform != "linux" or not launcher.isdigit():
         return
     import ctypes
 
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # the launcher died before the prctl took hold
+        os._exit(1)
 
 
 @dataclass
@@ -141,10 +150,11 @@ class LocalMesh:
         node = self.node(name)
         log = open(node.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", PARENT_ENV: str(os.getpid()),
+               **(env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "fednode", "run", "--config", str(node.config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=env, start_new_session=True)
         log.close()
         self.procs[name] = proc
         return proc

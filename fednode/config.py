@@ -85,7 +85,9 @@ class LearningSection:
     mode: str = "adaptive"  # adaptive | static | fedavg | local
     ladder: str = ""  # messenger family; defaults to the model preset's ladder
     static_level: int = 0  # the level of `static` mode
-    family: str = "distilled"  # distilled (P never leaves) | shared-prefix (P's first layers travel)
+    family: str = "distilled"  # distilled (P never leaves) | shared-prefix (P's first layers travel) | lora
+    lora_ranks: tuple[int, ...] = (4, 8, 16, 32)  # lora family: the shared adapter's rank at each level
+    lora_private_rank: int = 8  # lora family: rank of the adapter that stays home (0 = none)
     frozen_base: str = "auto"  # shared-prefix: embedding/head frozen, never sent (auto: on for pretrained presets)
     distill_weight: str = "fixed"  # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
     distill_alpha: float = 1.0  # weight of the KL terms (0 = no distillation)
@@ -190,7 +192,8 @@ _BUILT_LADDERS = ("micro", "tiny", "tiny-wide")
 MODES = ("adaptive", "static", "fedavg", "local")
 WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "norm-clip")
-FAMILIES = ("distilled", "shared-prefix")
+FAMILIES = ("distilled", "shared-prefix", "lora")
+MAX_LORA_RANK = 4096
 DISTILL_WEIGHTS = ("fixed", "fedkd")  # fednode.learning.distill.WEIGHTS / TEACHERS (no torch import here)
 TEACHERS = ("frozen", "live", "both")
 PRECISIONS = ("fp32", "bf16", "fp16")  # fednode.learning.device.PRECISIONS (no torch import here)
@@ -201,7 +204,7 @@ GROWTH_SIGNALS = ("plateau", "budget")  # fednode.mesh.negotiation.Params.growth
 # grown on budget ended at P 2.405 (grew at rounds 5, 11, 17), on the loss plateau at 2.577 (grew
 # at round 25), static-3 at 2.515; a shared prefix is P itself, whose loss improves as long as P
 # trains, so a plateau never came (bench/RESULTS.md "Knowledge transfer").
-FAMILY_GROWTH_SIGNAL = {"distilled": "budget", "shared-prefix": "budget"}
+FAMILY_GROWTH_SIGNAL = {"distilled": "budget", "shared-prefix": "budget", "lora": "budget"}
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -232,6 +235,10 @@ def _coerce(section: str, key: str, value: Any, default: Any, base: Path) -> Any
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}: write it without quotes")
         return float(value)
+    if isinstance(default, tuple) and default and isinstance(default[0], int):
+        if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+            raise ConfigError(f"{where} must be a non-empty list of integers, e.g. [4, 8, 16], got {value!r}")
+        return tuple(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f'{where} must be a list of strings, e.g. ["127.0.0.1:7701"], got {value!r}')
@@ -312,6 +319,13 @@ def _validate(cfg: Config) -> None:
     if lrn.frozen_base == "on" and lrn.family != "shared-prefix":
         raise ConfigError('[learning] frozen_base = "on" needs family = "shared-prefix" (a distilled messenger has '
                           'its own embedding): set the family or frozen_base = "auto"')
+    ranks = lrn.lora_ranks
+    if not all(0 < r <= MAX_LORA_RANK for r in ranks) or any(a >= b for a, b in zip(ranks, ranks[1:], strict=False)):
+        raise ConfigError(f"[learning] lora_ranks {list(ranks)} must rise strictly, each in 1..{MAX_LORA_RANK} "
+                          f"(one rank per messenger level), e.g. [4, 8, 16, 32]")
+    if not 0 <= lrn.lora_private_rank <= MAX_LORA_RANK:
+        raise ConfigError(f"[learning] lora_private_rank {lrn.lora_private_rank} must be in 0..{MAX_LORA_RANK} "
+                          f"(0 = no adapter of the site's own)")
     if not 0 <= lrn.merge_loss_jump <= 100:
         raise ConfigError(f"[learning] merge_loss_jump {lrn.merge_loss_jump} must be in [0, 100] (a fraction of the "
                           f"held-out loss; 0 = never refuse a merge for its loss)")
@@ -451,6 +465,9 @@ mode = "adaptive"                    # adaptive | static | fedavg | local
 # ladder = "tiny"                    # messenger family (default: the model preset's)
 static_level = 0                     # the messenger level in static mode
 family = "distilled"                 # distilled (P never leaves) | shared-prefix (P's first layers travel)
+                                     # | lora (a shared LoRA adapter on a frozen base; pip install "fednode[lora]")
+# lora_ranks = [4, 8, 16, 32]        # lora: the shared adapter's rank at each messenger level
+# lora_private_rank = 8              # lora: rank of the site's own adapter, never sent (0 = none)
 frozen_base = "auto"                 # shared-prefix: embedding/head frozen, never sent (auto: pretrained)
 distill_weight = "fixed"             # fixed: alpha itself | fedkd: alpha * 2 ln V / (CE_P + CE_M)
 distill_alpha = 1.0                  # KL weight; distill_weight = "fedkd" rescales it by FedKD's factor

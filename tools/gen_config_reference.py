@@ -147,6 +147,8 @@ def _type_name(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if origin is tuple and args and args[0] is str:
         return "list of strings"
+    if origin is tuple and args and args[0] is int:
+        return "list of integers"
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         inner = [a for a in args if a is not type(None)]
         return f"{_type_name(inner[0])} (optional)" if len(inner) == 1 else "optional"
@@ -167,7 +169,7 @@ def _default(f: dataclasses.Field) -> str:
     if isinstance(value, Path | str):
         return f'`"{value}"`'
     if isinstance(value, tuple | list):
-        return "`[" + ", ".join(f'"{v}"' for v in value) + "]`"
+        return "`[" + ", ".join(str(v) if isinstance(v, int) else f'"{v}"' for v in value) + "]`"
     return f"`{value!r}`"
 
 

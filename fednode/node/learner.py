@@ -133,7 +133,9 @@ def checkpoint_metadata(cfg: Config, learner: Learner, round_: int, epoch: int) 
             "ladder": cfg.learning.ladder, "preset": cfg.model.preset, "model_path": str(cfg.model.path or ""),
             "tokenizer_hash": learner.info.tokenizer_hash, "family_hash": learner.info.family_hash,
             "model_config": learner.info.model_config, "fednode_version": __version__,
-            "protocol": str(PROTOCOL_VERSION)}
+            "protocol": str(PROTOCOL_VERSION),
+            **({"lora_ranks": ",".join(map(str, cfg.learning.lora_ranks)),
+                "lora_private_rank": str(cfg.learning.lora_private_rank)} if cfg.learning.family == "lora" else {})}
 
 
 def messenger_ladder(cfg: Config, private) -> messenger.Ladder:
@@ -367,6 +369,10 @@ def build_learner(cfg: Config) -> Learner:
         from fednode.node.prefix_learner import PrefixLearner  # imports this module
 
         return PrefixLearner(cfg)
+    if cfg.learning.family == "lora":
+        from fednode.node.lora_learner import LoraLearner  # imports this module; needs peft
+
+        return LoraLearner(cfg)
     return MessengerLearner(cfg)
 
 

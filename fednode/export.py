@@ -55,6 +55,8 @@ def available(tensors: dict[str, torch.Tensor], mode: str) -> tuple[str, ...]:
 def describe(what: str, family: str) -> str:
     """Words for what was exported."""
     if what == "merged":
+        if family == "lora":
+            return "the mesh's model (the base with the shared adapter merged in)"
         return "the model itself (its shared prefix merged)" if family == "shared-prefix" else "the averaged model"
     if what == "messenger":
         return "the merged messenger"
@@ -88,6 +90,8 @@ def checkpoint_models(cfg: Config, tensors: dict[str, torch.Tensor], level: int,
 
     private, tok, _family = load_private_model(cfg)
     private = private.float()
+    if any(".lora_A." in k for k in tensors):  # the lora family: adapters on the frozen base, merged into it
+        return _lora_models(cfg, private, private_state(tensors), want), tok
     load_state_tensors(private, private_state(tensors))
     private.eval()
     out = {"private": private}
@@ -99,6 +103,23 @@ def checkpoint_models(cfg: Config, tensors: dict[str, torch.Tensor], level: int,
         m.eval()
         out["messenger"] = m
     return out, tok
+
+
+def _lora_models(cfg: Config, base: torch.nn.Module, adapters: dict[str, torch.Tensor],
+                 want: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """P (the base with both adapters merged) and, when wanted, the mesh's model (the shared adapter
+    alone): plain transformers models that load with no peft."""
+    from fednode.learning import lora
+    from fednode.node.learner import load_private_model
+
+    lrn = cfg.learning
+    out = {}
+    for role, with_private in (("private", True), ("merged", False)):
+        if role == "private" or role in want:
+            model = base if role == "private" else load_private_model(cfg)[0].float()
+            out[role] = lora.merged_model(model, adapters, lrn.lora_ranks[-1], lrn.lora_private_rank, with_private)
+            out[role].eval()
+    return out
 
 
 def _rounds_text(recs) -> str:
@@ -149,11 +170,11 @@ def load_node_model(cfg: Config, what: str = "private", round_: int | None = Non
                           f"{' of the ' + cfg.learning.family + ' family' if mode in ('adaptive', 'static') else ''}"
                           f" has no {what} model; available: {', '.join(have)}")
     try:
-        models, tok = checkpoint_models(cfg, tensors, level, want=("messenger",) if what == "messenger" else ())
+        models, tok = checkpoint_models(cfg, tensors, level, want=(what,) if what != "private" else ())
     except ValueError as exc:
         raise ConfigError(f"the round {rec.round} checkpoint {path} does not fit the model of "
                           f"{cfg.source or 'the config'} ({exc}): use the config the node trained with") from None
-    model = models["messenger" if what == "messenger" else "private"]
+    model = models.get(what, models["private"])  # shared-prefix / fedavg: the merged model is P itself
     return NodeModel(model=model, tokenizer=tok, what=what, round=rec.round, level=level, mode=mode,
                      checkpoint=path, checkpoint_sha256=rec.checkpoint_sha256, node=meta.get("node", cfg.node.name))
 
@@ -164,6 +185,9 @@ def config_mismatch(meta: dict[str, str], cfg: Config) -> str | None:
     said = {"preset": cfg.model.preset, "family": cfg.learning.family, "ladder": cfg.learning.ladder}
     if cfg.model.path is not None:
         said["model_path"] = str(cfg.model.path)
+    if cfg.learning.family == "lora":  # the adapters' shapes: a config with other ranks cannot rebuild them
+        said["lora_ranks"] = ",".join(map(str, cfg.learning.lora_ranks))
+        said["lora_private_rank"] = str(cfg.learning.lora_private_rank)
     for key, value in said.items():
         if key in meta and meta[key] != value and not (key == "family" and meta.get("mode") in ("fedavg", "local")):
             return f"with {key} {meta[key]!r}, but {cfg.source or 'the config'} says {value!r}"

@@ -221,3 +221,42 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path):
     ckpt.unlink()
     line = one_line(export("--config", str(path), "--out", str(tmp_path / "o")), ExitCode.STORE)
     assert "round 1" in line and "pruned" in line
+
+
+@pytest.fixture(scope="module")
+def lora_node(static_node):
+    root = static_node[0]
+    return _node(root, "site-l", {"mode": "static", "family": "lora", "static_level": 1, "lora_ranks": [2, 4, 8],
+                                  "lora_private_rank": 2}, rounds=2)
+
+
+def test_lora_exports_p_and_the_mesh_model_as_plain_transformers_models(lora_node, tmp_path):
+    """P is the frozen base with both adapters merged in; the mesh's model is the base with the shared
+    adapter alone: both load with transformers only (no peft) and compute what the learner does."""
+    path, cfg, learner, recs = lora_node
+    from fednode.learning import lora
+
+    ids = _ids(learner.tokenizer)
+    learner.private.eval()
+    expected_p = _logits(learner.private, ids)
+    learner.private.base_model.set_adapter([lora.SHARED])  # the mesh's model: the shared adapter alone
+    expected_m = _logits(learner.private, ids)
+    learner.private.base_model.set_adapter([lora.SHARED, lora.PRIVATE])
+    assert not torch.allclose(expected_p, expected_m)  # the private adapter did learn something of its own
+    for what, expected in (("private", expected_p), ("merged", expected_m)):
+        out = tmp_path / what
+        result = export("--config", str(path), "--what", what, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+        assert type(model).__module__.startswith("transformers.") and not (out / "adapter_config.json").exists()
+        torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=1e-5)
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+    by_dir = CliRunner().invoke(humaneval, ["nll", "--limit", "2", "--model-dir", str(tmp_path / "private")])
+    by_node = CliRunner().invoke(humaneval, ["nll", "--limit", "2", "--config", str(path)])
+    assert by_dir.exit_code == 0 and by_node.exit_code == 0, (by_dir.output, by_node.output)
+    a, b = json.loads(by_dir.stdout.splitlines()[-1]), json.loads(by_node.stdout.splitlines()[-1])
+    assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], abs=1e-4)  # export -> reload scores the same
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace("lora_private_rank = 2", "lora_private_rank = 4"))
+    line = one_line(export("--config", str(other), "--out", str(tmp_path / "o")), ExitCode.CONFIG)
+    assert "lora_private_rank '2'" in line and "'4'" in line

@@ -45,7 +45,8 @@ FAST = {
               "rounds": ROUNDS},
     "mesh": {"gossip_interval_s": 0.3, "suspect_after_s": 3.0, "dead_after_s": 8.0},
 }
-MESHES = {"local": 2, "fedavg": 3, "static": 3}
+MESHES = {"local": 2, "fedavg": 3, "static": 3, "lora": 3}
+LORA_RANKS = [2, 4, 8]
 LOW = "node-2"  # static mesh: [budget] max_level = 0
 START_TIMEOUT = 150.0
 
@@ -54,6 +55,9 @@ def _overrides(mode: str) -> dict:
     learning = {"mode": mode}
     if mode == "static":
         learning["static_level"] = STATIC_LEVEL
+    if mode == "lora":  # a shared LoRA adapter on the frozen micro base, static at rank 4
+        learning = {"mode": "static", "family": "lora", "static_level": 1, "lora_ranks": LORA_RANKS,
+                    "lora_private_rank": 2}
     return {**FAST, "learning": learning}
 
 
@@ -66,6 +70,7 @@ def meshes(tmp_path_factory):
         for mode, n in MESHES.items():
             made[mode] = LocalMesh.create(root / mode, n, code_bytes=60_000, overrides=_overrides(mode))
         made["static"].configure(LOW, "budget", max_level=0)
+        made["lora"].configure(LOW, "budget", max_level=0)
         made["local"].prepare_tokenizer()
         for m in made.values():
             m.start_all()
@@ -223,3 +228,39 @@ def test_static_mixed_mesh_low_ceiling_node_trains_level_0_and_peers_merge_it(me
         assert {r.level for r in records} == {STATIC_LEVEL}
         assert any(LOW in r.merged_from for r in records if r.level == STATIC_LEVEL), name
 
+
+
+# ----------------------------------------------------------------------------------------------- lora
+
+
+def test_lora_mesh_sends_only_the_shared_adapters_rank_and_merges_a_lower_rank_peer(meshes):
+    """Real daemons of the lora family: what each serves is the shared adapter at its level's rank
+    (never the base, never the private adapter), a fraction of the whole model; the rank-2 peer
+    (max_level 0) is merged by the rank-4 ones; checkpoints keep both adapters and Adam's moments."""
+    m = meshes["lora"]
+    names = [n.name for n in m.nodes]
+    whole = wire_size(shapes_to_zeros(shapes(state_tensors(build_model(resolve_preset("micro"), build_tokenizer(
+        m.workdir / "cache" / "tokenizers", vocab_size=4096), seed=0)))), ROUNDS, "node-0")
+    for name in names:
+        status = cli_status(m, name)
+        assert status["mode"] == "static" and int(status["round"]) == ROUNDS, status
+        shared, meta = load_checkpoint(shared_file(m, name))
+        rank = LORA_RANKS[0 if name == LOW else 1]
+        assert int(meta["level"]) == (0 if name == LOW else 1), meta
+        assert shared and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in shared), sorted(shared)[:4]
+        assert all((t.shape[0] if ".lora_A." in k else t.shape[1]) == rank for k, t in shared.items())
+        full, full_meta = load_checkpoint(shared_file(m, name).with_name(rounds_of(m, name)[-1].checkpoint))
+        assert full_meta["family"] == "lora", full_meta
+        assert any(".lora_A.private." in k for k in full) and any(k.startswith("optim.") for k in full)
+        assert not any("base_layer" in k or "embed_tokens" in k for k in full)  # the frozen base is not saved
+        records = rounds_of(m, name)
+        assert any(r.merged_from for r in records), name
+        local = [r for r in records if r.source == "local" and r.bytes_sent]
+        assert local and all(r.bytes_sent < whole / 4 for r in local), (whole, [r.bytes_sent for r in local])
+    for name in names:
+        if name != LOW:
+            assert any(LOW in r.merged_from for r in rounds_of(m, name)), name
+
+
+def shapes_to_zeros(s: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros(v) for k, v in s.items()}

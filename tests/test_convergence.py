@@ -252,3 +252,36 @@ def test_resume_runs_only_the_missing_arm_seed_pairs(tmp_path, monkeypatch):
     assert data["metadata"]["seeds"] == [0, 1] and "static-0" in data["metadata"]["arms"]
     wrong = CliRunner().invoke(convergence, ["--preset", "tiny-cpu", "--out", str(out), "--resume"])
     assert wrong.exit_code != 0 and "holds a 'tiny-long' run" in wrong.output
+
+
+def test_the_gpu_preset_runs_the_lora_family_against_fedavg_and_refuses_without_a_gpu(monkeypatch):
+    preset = resolve("smollm2-gpu")
+    assert preset.arms() == ["fedavg", "local", "lora-adaptive", "lora-static-0", "lora-static-3"]
+    assert all(Arm.parse(a).label == a for a in preset.arms())
+    assert Arm.parse("lora-static-2") == Arm("static", 2, "lora")
+    with pytest.raises(ValueError, match="lora-adaptive or lora-static"):
+        Arm.parse("lora-fedavg")
+    over = preset.overrides("adaptive", None, 0, "lora")
+    assert over["learning"]["family"] == "lora" and "ladder" not in over["learning"]
+    assert over["train"]["device"] == "cuda" and over["train"]["precision"] == "bf16"
+    assert preset.problems == 164 and preset.pass_at_1
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(bench, ["convergence", "--preset", "smollm2-gpu"])
+    assert result.exit_code == 2 and "CUDA GPU" in result.output and "smollm2-135m" in result.output
+
+
+def test_a_cpu_smoke_of_the_gpu_presets_lora_arm_scores_nll_and_pass_at_1(tmp_path):
+    """The smollm2-gpu code path (lora arm, merged-adapter scoring, greedy pass@1 with real
+    execution) on CPU with the micro base: what CI can afford of the GPU study."""
+    from tools.convergence.run import run_arm
+    from tools.humaneval.data import load_problems
+
+    preset = resolve("smollm2-gpu", private="micro", device="cpu", precision="fp32", nodes=2, rounds=2,
+                     steps_per_round=2, batch_size=2, seq_len=64, max_tokens=4_000, code_bytes=30_000,
+                     round_timeout_s=30.0, problems=2, score_every=1, harness="sim")
+    result = run_arm(preset, Arm.parse("lora-static-1"), 0, tmp_path, load_problems(2), lambda _msg: None)
+    assert [p.round for p in result.points] == [1, 2]
+    assert all(math.isfinite(p.nll_bpb) and p.bytes_per_node > 0 for p in result.points)
+    assert math.isnan(result.points[0].pass1) and 0.0 <= result.points[-1].pass1 <= 1.0  # the last round only

@@ -49,6 +49,7 @@ def analyze(runs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
             "final_level": _mean([p["level"] for p in last]),
             "final_nll_m": _mean([p.get("nll_m", math.nan) for p in last]),
             "final_nll_ens": _mean([p.get("nll_ens", math.nan) for p in last]),
+            "final_pass1": _mean([p.get("pass1", math.nan) for p in last]),
             "final_nll_per_seed": [r["rounds"][-1]["nll_bpb"] for r in rs if r["rounds"]],
             "bytes_per_round": _mean([p["bytes_per_node"] / p["round"] for p in last]),
             "nll_curve": curves[arm],
@@ -186,13 +187,16 @@ def machine_line(m: dict[str, Any]) -> str:
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     rows = []
+    with_pass1 = any(math.isfinite(a.get("final_pass1", math.nan)) for a in summary["arms"].values())
     for arm, a in summary["arms"].items():
         rows.append([arm, _fmt_interval(a["rounds_to_target"]), _fmt_interval(a["bytes_to_target"], MIB, 2),
                      _fmt_interval(a["wall_s_to_target"], 1.0, 0), f"{a['bytes_per_round'] / MIB:.3f}",
-                     f"{a['final_nll_bpb']:.4f}", f"{a['final_val_loss']:.4f}", f"{a['final_level']:.1f}"])
+                     f"{a['final_nll_bpb']:.4f}", f"{a['final_val_loss']:.4f}", f"{a['final_level']:.1f}"]
+                    + ([f"{a.get('final_pass1', math.nan):.3f}"] if with_pass1 else []))
     table = report.markdown_table(
         ["mode", "rounds to target", "MiB sent/node to target", "wall s to target", "MiB/node/round",
-         "final NLL (bits/byte)", "final val loss (nats)", "final level"], rows)
+         "final NLL (bits/byte)", "final val loss (nats)", "final level"] + (["pass@1 (greedy)"] if with_pass1 else []),
+        rows)
 
     def fmt(x: float | None) -> str:
         return "n/a (a mode did not reach the target)" if x is None else f"{x:.3f}"

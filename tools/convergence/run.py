@@ -6,7 +6,9 @@ transport twin (SimHarness, preset harness = "sim"). The daemons keep every roun
 training for the CPU. What is scored is what a site could use: the private model P (adaptive/
 static: `private.*` tensors; fedavg/local: the whole model) and, for the distilled family, the
 merged messenger M and the P+M ensemble, on HumanEval prompts + canonical solutions, in bits
-per byte, at the preset's scored rounds.
+per byte, at the preset's scored rounds. The lora family's P is the base with both adapters
+merged in. With `pass_at_1`, P's greedy completions at the last round are also run against the
+tests (pass@1, real execution).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fednode.learning import messenger
+from fednode.learning import lora, messenger
 from fednode.learning.models import build_model, load_state_tensors
 from fednode.learning.optim_state import model_tensors
 from fednode.learning.pretrained import load_pretrained
@@ -44,6 +46,7 @@ class RoundPoint:
     level: float  # mean committed messenger level over nodes
     nll_m: float = math.nan  # merged messenger M (distilled family), bits/byte
     nll_ens: float = math.nan  # P+M ensemble
+    pass1: float = math.nan  # greedy pass@1 of P (presets with pass_at_1, last round only)
 
 
 @dataclass
@@ -129,7 +132,8 @@ def run_arm(preset: Preset, arm: Arm, seed: int, workdir: Path, problems: list[P
             round=r, nll_bpb=scored("P"), val_loss=_mean([rec.loss_after for rec in present]),
             bytes_per_node=statistics.fmean(sent.values()),
             wall_s=max((rec.committed_unix_ms / 1000 - t0 for rec in present), default=math.nan),
-            level=_mean([float(rec.level) for rec in present]), nll_m=scored("M"), nll_ens=scored("ens")))
+            level=_mean([float(rec.level) for rec in present]), nll_m=scored("M"), nll_ens=scored("ens"),
+            pass1=scored("pass1")))
     result.seconds = time.monotonic() - started
     result.decisions, result.refusals = observed["decisions"], observed["refusals"]
     return result
@@ -149,6 +153,7 @@ def _score(preset: Preset, arm: Arm, seed: int, journals: dict[str, list], data_
            progress: Callable[[str], None]) -> dict[tuple[str, int], dict[str, float]]:
     """HumanEval bits/byte of every node's P (and M, P+M for the distilled family) at the scored rounds."""
     model, tok = _private_model(preset, seed, workdir / "cache")
+    pristine = {k: v.clone() for k, v in model.state_dict().items()} if arm.family == "lora" else {}
     ladder = messenger.LADDERS.get(preset.ladder) if preset.ladder else None
     with_m = preset.score_messenger and arm.messenger and arm.family == "distilled" and ladder is not None
     wanted = set(preset.rounds_scored())
@@ -160,8 +165,18 @@ def _score(preset: Preset, arm: Arm, seed: int, journals: dict[str, list], data_
             tensors, _meta = load_checkpoint(data_dirs[name] / "checkpoints" / rec.checkpoint, rec.checkpoint_sha256)
             private = ({k[8:]: v for k, v in tensors.items() if k.startswith("private.")} if arm.messenger
                        else model_tensors(tensors))
-            load_state_tensors(model, private)
-            point = {"P": solution_nll(model, tok, problems).bits_per_byte, "M": math.nan, "ens": math.nan}
+            if arm.family == "lora" and arm.messenger:  # the base with both adapters merged into its weights
+                model.load_state_dict(pristine)
+                ranks = tuple(int(r) for r in _meta.get("lora_ranks", "").split(",") if r)
+                scored_model = lora.merged_model(model, private, ranks[-1], int(_meta.get("lora_private_rank", "0")),
+                                                 with_private=True)
+            else:
+                load_state_tensors(model, private)
+                scored_model = model
+            point = {"P": solution_nll(scored_model, tok, problems).bits_per_byte, "M": math.nan, "ens": math.nan,
+                     "pass1": math.nan}
+            if preset.pass_at_1 and rec.round == preset.rounds:
+                point["pass1"] = _pass_at_1(scored_model, tok, problems, seed)
             if with_m:
                 m = messenger.build_messenger(ladder, rec.level, tok, seed)
                 load_state_tensors(m, {k[10:]: v for k, v in tensors.items() if k.startswith("messenger.")})
@@ -170,6 +185,18 @@ def _score(preset: Preset, arm: Arm, seed: int, journals: dict[str, list], data_
             scores[(name, rec.round)] = point
         progress(f"{arm.label} seed {seed}: scored {name}")
     return scores
+
+
+def _pass_at_1(model, tok, problems: list[Problem], seed: int) -> float:
+    """Greedy pass@1 of `model`: one completion per problem, run against its tests (supervised
+    subprocesses with a time limit, as `fednode-bench humaneval passk`)."""
+    from tools.humaneval.execute import check_many
+    from tools.humaneval.generate import generate_completions
+
+    outs = generate_completions(model, tok, [p.prompt for p in problems], n_samples=1, temperature=0.0,
+                                max_new_tokens=256, batch_size=8, seed=seed)
+    results = check_many([(p, o[0]) for p, o in zip(problems, outs, strict=True)])
+    return sum(r.passed for r in results) / max(1, len(results))
 
 
 def arm_summary(run: RunResult) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fednode.config import Config
 from fednode.errors import ExitCode, FednodeError
-from fednode.security.pki import EXPIRY_WARN_DAYS
+from fednode.security.pki import CERT_PARSE_ERRORS, EXPIRY_WARN_DAYS
 
 
 class Level(enum.StrEnum):
@@ -72,7 +72,7 @@ def check_crl(cfg: Config) -> Finding:
     try:
         cas = [x509.load_pem_x509_certificate(Path(cfg.tls.ca).read_bytes())]
         revocation = load_revocation_list(Path(cfg.tls.crl), cas, what="[tls] crl")
-    except (FednodeError, OSError, ValueError) as exc:
+    except (FednodeError, OSError, *CERT_PARSE_ERRORS) as exc:
         return Finding(Level.FAIL, "crl", f"{cfg.tls.crl}: {exc}", ExitCode.PKI)
     return Finding(Level.OK, "crl", f"{cfg.tls.crl}: revocation list number {revocation.number} "
                                     f"({len(revocation.serials)} revoked)")

@@ -244,3 +244,25 @@ def test_trust_store_refuses_a_bundle_without_ca(tmp_path):
         pki.TrustStore(ident.cert_pem)
     with pytest.raises(PkiError, match="no certificate"):
         pki.TrustStore(b"nothing here")
+
+
+def _corruptions(der: bytes):
+    """Every position set to a few values, the byte flips that broke the parser's error types."""
+    for i in range(len(der)):
+        for value in {0x00, 0x01, 0x02, 0x03, 0xFF, der[i] ^ 0x01} - {der[i]}:
+            yield der[:i] + bytes([value]) + der[i + 1:]
+
+
+def test_every_single_byte_corruption_of_a_peers_certificate_is_a_typed_refusal(tmp_path):
+    # a fuzzed run found a flipped version byte escaping as cryptography's InvalidVersion (not a
+    # ValueError); a flipped signature OID gives UnsupportedAlgorithm, lazily read fields KeyError
+    ident = make_mesh(tmp_path, ("n1",))["n1"]
+    trust = pki.TrustStore(ident.ca_pem)
+    refused = 0
+    for der in _corruptions(ident.cert_der):
+        try:
+            assert trust.verify_certificate(der) == "n1"  # a flip the DER encoding tolerates
+        except ProtocolError as exc:
+            assert exc.reason == Reason.BAD_CERTIFICATE
+            refused += 1
+    assert refused > 0.9 * 5 * len(ident.cert_der)

@@ -365,3 +365,19 @@ def test_the_revoked_node_cannot_restart_and_a_reissued_one_rejoins(mesh):
         assert peer_states(mesh, name)["node-2"] == "alive"
     mark = int(mesh.status("node-2")["round"])
     mesh.wait("node-2", lambda s: int(s["round"]) >= mark + 1, 90)
+
+
+def test_every_single_byte_corruption_of_a_gossiped_list_is_a_typed_refusal(tmp_path):
+    ca = make_ca(tmp_path / "pki")
+    make_identity(ca, "n1")
+    revoke_certificate(ca, "n1")
+    der = x509.load_pem_x509_crl((ca / CRL_FILE).read_bytes()).public_bytes(serialization.Encoding.DER)
+    refused = 0
+    for i in range(len(der)):
+        for value in {0x00, 0x01, 0x02, 0x03, 0xFF, der[i] ^ 0x01} - {der[i]}:
+            try:
+                verify_revocation_list(der[:i] + bytes([value]) + der[i + 1:], _cas(ca))
+            except ProtocolError as exc:
+                assert exc.reason in (Reason.MALFORMED, Reason.BAD_SIGNATURE)
+                refused += 1
+    assert refused > 0.9 * 5 * len(der)

@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fednode.errors import PkiError, ProtocolError, Reason
+
+# What cryptography raises while parsing or reading hostile DER: ValueError mostly, but one flipped
+# byte of a peer's certificate or CRL can also give InvalidVersion, UnsupportedAlgorithm (signature
+# OID), KeyError or TypeError (fields read lazily), none of them a ValueError.
+CERT_PARSE_ERRORS = (ValueError, TypeError, KeyError, x509.InvalidVersion, x509.DuplicateExtension,
+                     x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
 
 if TYPE_CHECKING:
     from fednode.security.revocation import RevocationList
@@ -192,7 +198,7 @@ def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
                        f"restore it from backup or {fix} --force") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         raise PkiError(f"mesh CA certificate {directory / CA_CERT} is not a PEM certificate: "
                        f"restore it from backup or {fix} --force") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(key, cert):
@@ -339,7 +345,7 @@ def load_identity(cert_path: Path, key_path: Path, ca_path: Path) -> NodeIdentit
                    f"copy ca.crt from the mesh CA directory (`fednode ca init --dir {ca_dir}` makes one)")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         raise PkiError(f"node certificate {cert_path} is not a PEM certificate: {reissue}") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -347,7 +353,7 @@ def load_identity(cert_path: Path, key_path: Path, ca_path: Path) -> NodeIdentit
         raise PkiError(f"node key {key_path} is not an unencrypted PEM private key: {reissue}") from None
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         raise PkiError(f"mesh CA certificate {ca_path} is not a PEM certificate: copy ca.crt "
                        "from the mesh CA directory again") from None
     if not _is_p256(key):
@@ -395,7 +401,7 @@ def certificate_expiry(cert_pem_or_der: bytes | str) -> dt.datetime:
             cert = x509.load_pem_x509_certificate(data)
         else:
             cert = x509.load_der_x509_certificate(data)
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         raise PkiError("not a PEM or DER X.509 certificate: pass the contents of a .crt file") from None
     return cert.not_valid_after_utc
 
@@ -414,7 +420,7 @@ class _Verified(NamedTuple):
 def _load_cas(ca_pem: bytes) -> list[x509.Certificate]:
     try:
         cas = x509.load_pem_x509_certificates(bytes(ca_pem))
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         raise PkiError("mesh CA PEM holds no certificate: pass the contents of ca.crt") from None
     for ca in cas:
         if not _is_ca(ca):
@@ -493,7 +499,7 @@ class TrustStore:
         """The serial of a DER certificate (None if it does not parse)."""
         try:
             return x509.load_der_x509_certificate(bytes(cert_der)).serial_number
-        except ValueError:
+        except CERT_PARSE_ERRORS:
             return None
 
     def is_revoked(self, cert_der: bytes) -> bool:
@@ -559,17 +565,12 @@ class TrustStore:
 
         try:
             cert = x509.load_der_x509_certificate(der)
-        except ValueError:
+            name = common_name(cert)
+            issued = self._issued_by_a_ca(cert)
+        except CERT_PARSE_ERRORS:
             raise refuse("peer certificate is not a DER X.509 certificate: send the node "
                          "certificate from `fednode ca issue`") from None
-        name = common_name(cert)
-        for ca in self._cas:
-            try:
-                cert.verify_directly_issued_by(ca)
-                break
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-        else:
+        if not issued:
             raise refuse(f"certificate of {name!r} was not issued by this mesh's CA: the peer needs "
                          "a certificate from this mesh's `fednode ca issue`")
         if _is_ca(cert):
@@ -584,3 +585,12 @@ class TrustStore:
                          "`fednode ca issue`")
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         return _Verified(name, public_key, cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+
+    def _issued_by_a_ca(self, cert: x509.Certificate) -> bool:
+        for ca in self._cas:
+            try:
+                cert.verify_directly_issued_by(ca)
+                return True
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        return False

@@ -82,10 +82,13 @@ def _parse(data: bytes) -> x509.CertificateRevocationList:
 def verify_revocation_list(data: bytes, cas: list[x509.Certificate]) -> RevocationList:
     """Parse a CRL (PEM or DER) and check it was signed by one of `cas`; refuses with a typed reason."""
     try:
-        crl = _parse(data)
-    except ValueError:
+        return _verify(_parse(data), cas)
+    except pki.CERT_PARSE_ERRORS:
         raise ProtocolError(Reason.MALFORMED, "revocation list is not an X.509 CRL: it must come from "
                                               "`fednode ca revoke`") from None
+
+
+def _verify(crl: x509.CertificateRevocationList, cas: list[x509.Certificate]) -> RevocationList:
     for ca in cas:
         if crl.issuer != ca.subject:
             continue
@@ -127,7 +130,7 @@ def certificate_serial(cert_pem_or_der: bytes) -> int:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data).serial_number
         return x509.load_der_x509_certificate(data).serial_number
-    except ValueError:
+    except pki.CERT_PARSE_ERRORS:
         raise PkiError("not a PEM or DER X.509 certificate: pass the node's .crt file") from None
 
 

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fednode.errors import PkiError
-from fednode.security.pki import NodeIdentity, common_name
+from fednode.security.pki import CERT_PARSE_ERRORS, NodeIdentity, common_name
 
 KEEPALIVE_TIME_MS = 30_000  # ping an idle connection every 30 s so dead peers are noticed
 KEEPALIVE_TIMEOUT_MS = 10_000
@@ -120,7 +120,7 @@ def peer_certificate_der(context: Any) -> bytes | None:
         return None
     try:
         return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    except ValueError:
+    except CERT_PARSE_ERRORS:
         return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,6 +63,15 @@ def test_nesting_depth_ast_and_fragment_fallback():
     # a fragment cut mid-line does not parse: indentation gives the same scale
     fragment = "rn x\n    for i in y:\n        if i:\n            z()\n"
     assert nesting_depth(fragment) == 3
+
+
+def test_scoring_a_fragment_prints_no_syntax_warning():
+    # `1if` and friends made ast.parse write "<unknown>:1: SyntaxWarning" lines into the
+    # daemon's and the benchmark's output for every block scored
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert nesting_depth("x = 1if y else 2\n") == 0
+    assert not [w for w in caught if issubclass(w.category, SyntaxWarning)]
 
 
 def test_ast_scores_rank_nested_code_harder():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -99,7 +100,10 @@ def nesting_depth(source: str) -> int:
     scale as the AST count, so parseable and unparseable blocks share one ranking.
     """
     try:
-        return _ast_nesting(ast.parse(source))
+        with warnings.catch_warnings():  # fragments like `1if` warn "invalid decimal literal" on stderr
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(source)
+        return _ast_nesting(tree)
     except (SyntaxError, ValueError):
         return _indent_nesting(source)
 

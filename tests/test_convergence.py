@@ -138,6 +138,12 @@ def test_long_preset_arms_cover_both_families_and_the_ablations():
     with pytest.raises(ValueError, match="unknown mode"):
         Arm.parse("prefix-adaptive-live")  # the transfer ablations are the distilled family's
     assert Arm.parse("fedavg-int8") == Arm("fedavg", ablation="int8")
+    fast = Arm.parse("prefix-adaptive-fastgrow")  # opt-in: the shared-prefix arm growing every 4 rounds
+    assert fast == Arm("adaptive", family="shared-prefix", ablation="fastgrow")
+    assert fast.label == "prefix-adaptive-fastgrow"
+    assert preset.overrides("adaptive", None, 0, "shared-prefix", "fastgrow")["negotiation"]["min_round_gap"] == 1
+    with pytest.raises(ValueError, match="unknown mode"):
+        Arm.parse("fedavg-fastgrow")  # FedAvg shares everything from round 1: nothing to grow
     assert preset.overrides("fedavg", None, 0, ablation="int8")["learning"]["update_codec"] == "int8"
     assert preset.overrides("fedavg", None, 0)["learning"]["update_codec"] == "none"  # fp32: the baseline
 

@@ -42,6 +42,9 @@ ABLATIONS = {  # name -> config overrides (section -> keys) of the adaptive dist
 }
 # ablations that apply to every sharing arm, not only the adaptive distilled one
 SHARED_ABLATIONS = ("int8",)
+# ablations of the adaptive shared-prefix arm: its rounds-to-target trails fedavg's while it grows
+# one layer at a time (levels at rounds 5, 11, 17, 23): does growing every 4 rounds close that?
+PREFIX_ABLATIONS = (*SHARED_ABLATIONS, "fastgrow")
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,9 @@ class Arm:
         for name in ABLATIONS:
             if family == "distilled" and rest == f"adaptive-{name}":
                 return cls("adaptive", ablation=name)
-            if name in SHARED_ABLATIONS and (rest == f"adaptive-{name}" or
-                                             (rest == f"fedavg-{name}" and family == "distilled")):
+            if (rest == f"adaptive-{name}" and name in (PREFIX_ABLATIONS if family == "shared-prefix"
+                                                        else SHARED_ABLATIONS)) or \
+                    (rest == f"fedavg-{name}" and family == "distilled" and name in SHARED_ABLATIONS):
                 return cls(rest[:-len(name) - 1], family=family, ablation=name)
         if rest.startswith("static-") and rest[7:].isdigit():
             return cls("static", int(rest[7:]), family)
@@ -168,7 +172,7 @@ class Arm:
         raise ValueError(f"unknown mode {label!r}: use adaptive, fedavg, local, static-<level>, prefix-adaptive, "
                          f"prefix-static-<level>, lora-adaptive, lora-static-<level>, "
                          f"adaptive-<{'|'.join(ABLATIONS)}> or "
-                         f"fedavg-/prefix-adaptive-<{'|'.join(SHARED_ABLATIONS)}>")
+                         f"fedavg-<{'|'.join(SHARED_ABLATIONS)}> or prefix-adaptive-<{'|'.join(PREFIX_ABLATIONS)}>")
 
 
 PRESETS = {

@@ -23,16 +23,19 @@ from fednode.mesh.negotiation import (
     MeshView,
     NegotiationError,
     NoChange,
+    Outcome,
     Params,
     PeerView,
     Proposal,
     Propose,
     Refusal,
+    RefusedProposal,
     ceiling_from_budget,
     decide,
     effective_level,
     growth_seed,
     level_in_force,
+    negotiate,
     plateaued,
     proposer_for,
     quorum_count,
@@ -531,6 +534,59 @@ def test_partition_with_different_levels_in_one_epoch_heals_to_the_higher_level(
     assert reconcile(grown, twin) == reconcile(twin, grown) == grown
 
 
+# ---- negotiate: one pass, the decision with its diagnostics ---------------------------------------------------
+
+
+def test_outcome_carries_the_capped_quorum_level_whatever_the_decision():
+    rich = {"a": 9, "b": 9, "c": 2}  # a quorum affords 9, above max_level 4
+    view = view_of(rich)
+    got = negotiate(view, P)
+    assert got == Outcome(decide(view, P), 4) and isinstance(got.decision, Propose)
+    assert quorum_level(view.peers, P.quorum) == 9
+    me = view.self_id
+    held = negotiate(view_of(rich, self_id=me, dead={me}), P)  # holds early, still reports the level
+    assert held.decision == NoChange(Hold.SELF_NOT_LIVE) and held.quorum_level == 2  # 2 of 2 live afford 2
+    assert negotiate(view_of({"a": 3, "b": 1, "c": 1}), P).quorum_level == 1
+
+
+def test_outcome_refuses_another_peers_invalid_open_proposal_once_with_its_reason():
+    view, p = base_view()
+    other = non_proposer(view)
+    bad_seed = replace(p, growth_seed=p.growth_seed + 1)
+    got = negotiate(replace(view, self_id=other, open_proposal=bad_seed), P)
+    assert got.refused == RefusedProposal(p.proposer, 1, Refusal.BAD_SEED,
+                                          f"growth seed {bad_seed.growth_seed} not derived from (epoch, level)")
+    assert got.decision == NoChange(Hold.PROPOSAL_REFUSED, f"BAD_SEED: {got.refused.detail}")
+    with pytest.raises(NegotiationError) as info:  # the same reason and detail validate_proposal raises
+        validate_proposal(bad_seed, replace(view, self_id=other), P)
+    assert (info.value.refusal, info.value.detail) == (got.refused.reason, got.refused.detail)
+    # a valid proposal from the rightful proposer: acked, nothing refused
+    valid = negotiate(replace(view, self_id=other, open_proposal=p), P)
+    assert valid.refused is None and isinstance(valid.decision, AckProposal)
+
+
+def test_outcome_never_refuses_our_own_proposal_but_still_holds_on_it():
+    view, p = base_view()
+    churned = view_of({"a": 3, "b": 0, "c": 0}, self_id=view.self_id, open_=p)  # no longer afforded
+    got = negotiate(churned, P)
+    assert got.refused is None
+    assert got.decision.reason == Hold.PROPOSAL_REFUSED and got.decision.detail.startswith("BAD_LEVEL")
+
+
+def test_outcome_reports_a_stale_or_expired_open_proposal_even_when_it_is_inert():
+    view, p = base_view()
+    other = non_proposer(view)
+    expired = negotiate(replace(view, self_id=other, open_proposal=p, current_round=p.activate_round), P)
+    assert expired.refused is not None and expired.refused.reason == Refusal.BAD_ACTIVATION
+    assert not isinstance(expired.decision, AckProposal | Commit)  # an inert proposal is neither acked nor committed
+    stale = negotiate(replace(view, self_id=other, open_proposal=replace(p, epoch=0)), P)
+    assert stale.refused is not None and stale.refused.reason == Refusal.STALE_EPOCH
+    assert stale.refused.epoch == 0
+    # refused whatever this peer's own state: the count does not depend on being live
+    dead = negotiate(view_of(THREE, self_id=other, dead={other}, open_=replace(p, epoch=0)), P)
+    assert dead.decision == NoChange(Hold.SELF_NOT_LIVE) and dead.refused == stale.refused
+
+
 def test_refusals_are_counted_and_never_merged():
     sim = Sim({"a": 3, "b": 3, "c": 3})
     group = set(sim.ceilings)
@@ -706,6 +762,25 @@ def test_decide_is_deterministic_and_independent_of_peer_order(case, rng):
     peers = list(view.peers)
     rng.shuffle(peers)
     assert decide(replace(view, peers=tuple(peers)), params) == d
+
+
+@settings(max_examples=80, deadline=None)
+@given(scenario())
+def test_negotiate_is_decide_plus_its_diagnostics(case):
+    """One pass gives what the separate calls gave: the decision, the capped quorum level and, for another
+    peer's open proposal, exactly the refusal validate_proposal raises."""
+    view, params = case
+    got = negotiate(view, params)
+    assert got.decision == decide(view, params)
+    assert got.quorum_level == min(quorum_level(view.peers, params.quorum), params.max_level)
+    p = view.open_proposal
+    want = None
+    if p is not None and p.proposer != view.self_id:
+        try:
+            validate_proposal(p, view, params)
+        except NegotiationError as err:
+            want = RefusedProposal(p.proposer, p.epoch, err.refusal, err.detail)
+    assert got.refused == want
 
 
 @settings(max_examples=80, deadline=None)

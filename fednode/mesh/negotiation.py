@@ -230,6 +230,25 @@ class Commit:
 Decision = NoChange | Propose | AckProposal | Commit
 
 
+@dataclass(frozen=True)
+class RefusedProposal:
+    """Another peer's open proposal that this view refuses (the daemon counts and logs it)."""
+
+    proposer: str
+    epoch: int
+    reason: Refusal
+    detail: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One round of negotiation from one view: the decision and the diagnostics the daemon reports."""
+
+    decision: Decision
+    quorum_level: int  # what a quorum of live ceilings affords, capped at max_level (shown in status)
+    refused: RefusedProposal | None = None  # the open proposal, when another peer's and invalid in this view
+
+
 def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
@@ -332,13 +351,15 @@ def _pending(view: MeshView) -> Proposal | None:
     return p
 
 
-def _proposal_refusal(proposal: Proposal, view: MeshView, params: Params) -> tuple[Refusal, str] | None:
+def _proposal_refusal(proposal: Proposal, view: MeshView, params: Params, live: Sequence[str],
+                      afforded: int) -> tuple[Refusal, str] | None:
+    """Why `proposal` may not be open in `view`, or None; `live` is view.live_ids() and `afforded`
+    quorum_level(view.peers, params.quorum) (uncapped), computed once by the caller."""
     committed = view.committed
     if proposal.epoch <= committed.epoch:
         return Refusal.STALE_EPOCH, f"epoch {proposal.epoch} <= committed epoch {committed.epoch}"
     if proposal.epoch > committed.epoch + 1:
         return Refusal.FUTURE_EPOCH, f"epoch {proposal.epoch} > {committed.epoch + 1}; fetch the newer commit first"
-    live = view.live_ids()
     expected = proposer_for(proposal.epoch, live)
     if proposal.proposer not in live or proposal.proposer != expected:
         return Refusal.NOT_PROPOSER, f"{proposal.proposer!r} is not epoch {proposal.epoch}'s proposer ({expected!r})"
@@ -347,14 +368,13 @@ def _proposal_refusal(proposal: Proposal, view: MeshView, params: Params) -> tup
     level, current = proposal.level, committed.level
     if not 0 <= level <= params.max_level:
         return Refusal.BAD_LEVEL, f"level {level} outside [0, {params.max_level}]"
-    q_level = quorum_level(view.peers, params.quorum)
     if proposal.direction == Direction.GROW:
         if level != current + 1:
             return Refusal.BAD_LEVEL, f"growth must go from {current} to {current + 1}, not {level}"
-        if level > q_level:
-            return Refusal.BAD_LEVEL, f"level {level} above what a quorum affords ({q_level})"
+        if level > afforded:
+            return Refusal.BAD_LEVEL, f"level {level} above what a quorum affords ({afforded})"
     else:
-        floor = max(0, min(current - 1, q_level))
+        floor = max(0, min(current - 1, afforded))
         if not floor <= level < current:
             return Refusal.BAD_LEVEL, f"shrink from {current} must land in [{floor}, {current - 1}], not {level}"
     # the window tolerates an acker up to activation_delay rounds behind the proposer
@@ -376,7 +396,7 @@ def validate_proposal(proposal: Proposal, view: MeshView, params: Params) -> Non
 
     Re-delivery of the proposal already open is accepted (idempotent). Checks bounds only, not the
     proposer's plateau/heterogeneity judgement: views differ slightly, resources are what matter."""
-    refusal = _proposal_refusal(proposal, view, params)
+    refusal = _proposal_refusal(proposal, view, params, view.live_ids(), quorum_level(view.peers, params.quorum))
     if refusal is not None:
         raise NegotiationError(*refusal)
 
@@ -443,30 +463,49 @@ def _wanted(view: MeshView, params: Params, q_level: int) -> tuple[Direction, in
     return Direction.GROW, current + 1
 
 
+def negotiate(view: MeshView, params: Params) -> Outcome:
+    """One pass over this peer's view: the decision (see `decide`) with its diagnostics, each computed
+    once. `quorum_level` is reported whatever the decision; `refused` is the open proposal of another
+    peer when it is not valid in this view (counted by the daemon), None for a valid one or our own."""
+    live = view.live_ids()
+    afforded = quorum_level(view.peers, params.quorum)
+    q_level = min(afforded, params.max_level)
+    open_ = view.open_proposal
+    refusal = None if open_ is None else _proposal_refusal(open_, view, params, live, afforded)
+    refused = None
+    if open_ is not None and refusal is not None and open_.proposer != view.self_id:
+        refused = RefusedProposal(open_.proposer, open_.epoch, *refusal)
+    return Outcome(_decision(view, params, live, q_level, refusal), q_level, refused)
+
+
 def decide(view: MeshView, params: Params) -> Decision:
     """What this peer does next, as a pure function of its view (same view, same answer everywhere).
 
     Order: commit an open proposal a quorum acked; else ack it if valid and not yet acked; an open
     live proposal blocks new ones until it activates or expires; else, if this peer is the next
-    epoch's proposer and the view calls for a change, propose it."""
+    epoch's proposer and the view calls for a change, propose it. `negotiate` adds the diagnostics."""
+    return negotiate(view, params).decision
+
+
+def _decision(view: MeshView, params: Params, live: list[str], q_level: int,
+              refusal: tuple[Refusal, str] | None) -> Decision:
+    """`decide`'s body; `refusal` is the open proposal's (which is the pending one whenever one is pending)."""
     me = view.peer(view.self_id)
     if me is None or not me.live:
         return NoChange(Hold.SELF_NOT_LIVE)
-    live = view.live_ids()
     if len(live) < params.min_live_peers:
         return NoChange(Hold.TOO_FEW_LIVE, f"{len(live)} < {params.min_live_peers}")
-    q_level = min(quorum_level(view.peers, params.quorum), params.max_level)
     pending = _pending(view)
     if pending is not None:
+        need = quorum_count(len(live), params.quorum)
         ackers = {a.node_id for a in view.acks if a.binds(pending)} & set(live)
-        if len(ackers) >= quorum_count(len(live), params.quorum) and _committable(pending, view, params, q_level):
+        if len(ackers) >= need and _committable(pending, view, params, q_level):
             return Commit(_commit_of(pending, view.committed))
-        refusal = _proposal_refusal(pending, view, params)
         if refusal is not None:
             return NoChange(Hold.PROPOSAL_REFUSED, f"{refusal[0].value}: {refusal[1]}")
         if view.self_id not in ackers:
             return AckProposal(Ack.of(pending, view.self_id))
-        return NoChange(Hold.WAITING_FOR_ACKS, f"{len(ackers)} of {quorum_count(len(live), params.quorum)}")
+        return NoChange(Hold.WAITING_FOR_ACKS, f"{len(ackers)} of {need}")
     wanted = _wanted(view, params, q_level)
     if isinstance(wanted, NoChange):
         return wanted

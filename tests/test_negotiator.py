@@ -130,6 +130,37 @@ def test_ack_and_commit_flow_from_signed_records(tmp_path):
     ctx.journal.close()
 
 
+def test_an_invalid_proposal_from_the_rightful_proposer_is_counted_once_and_held_on(tmp_path):
+    """negotiate's outcome, applied: the refusal counted once per (proposer, epoch), the hold shown, the
+    quorum level in status capped at max_level."""
+    ids = make_mesh(tmp_path / "pki", NAMES)
+    live = ["a", "b", "c"]
+    proposer = neg.proposer_for(1, live)
+    me = next(n for n in live if n != proposer)
+    other = next(n for n in live if n not in (proposer, me))
+    ctx, negotiator = make_node(tmp_path, ids, me)
+    two_steps = neg.Proposal(epoch=1, level=2, activate_round=4, proposer=proposer,
+                             growth_seed=neg.growth_seed(1, 2), direction=neg.Direction.GROW)
+    p_rec = base_record(proposer, 1)
+    p_rec.ceiling = 9
+    p_rec.proposal.CopyFrom(proposal_to_pb(two_steps))
+    o_rec = base_record(other, 1)
+    o_rec.ceiling = 9  # 2 of 3 live afford 9: status shows it capped at max_level 3
+    gossip_record(ctx, ids[proposer], 1, p_rec)
+    gossip_record(ctx, ids[other], 1, o_rec)
+    for round_ in (1, 2):
+        negotiator.after_round(round_, 5.0, 100, 0, b"")
+        assert negotiator.ack is None and negotiator.proposal is None
+        assert negotiator.last_decision == ("hold: open proposal not valid in this view "
+                                            "(BAD_LEVEL: growth must go from 0 to 1, not 2)")
+        assert negotiator.quorum_level == 3
+    samples = {s.labels["reason"]: s.value for m in ctx.metrics.rejected.collect() for s in m.samples
+               if s.name.endswith("_total")}
+    assert samples.get("BAD_LEVEL") == 1.0  # counted once, not at every round it is still gossiped
+    assert [d for _, d, _ in negotiator.decisions] == [negotiator.last_decision] * 2
+    ctx.journal.close()
+
+
 def test_agreement_heard_from_a_peer_wins_when_newer_and_plausible(tmp_path):
     ids = make_mesh(tmp_path / "pki", NAMES)
     ctx, negotiator = make_node(tmp_path, ids)

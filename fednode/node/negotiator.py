@@ -1,6 +1,7 @@
 """Capacity negotiation on the wire: turn gossiped, signed NegotiationRecords into a MeshView,
-run the pure decision function (fednode.mesh.negotiation.decide), act on its answer, and publish
-this node's own signed record. No coordinator: every peer runs the same function on its view.
+run the pure decision function once (fednode.mesh.negotiation.negotiate: the decision and its
+diagnostics), apply that outcome, and publish this node's own signed record. No coordinator: every
+peer runs the same function on its view.
 """
 
 from __future__ import annotations
@@ -90,10 +91,9 @@ class Negotiator:
                 out[member.node_id] = member.negotiation
         return out
 
-    def view(self, round_: int) -> neg.MeshView:
+    def view(self, round_: int, records: dict[str, pb.NegotiationRecord], live: set[str]) -> neg.MeshView:
+        """This node's MeshView from the peer records and live set `after_round` read (one snapshot a round)."""
         ctx = self.ctx
-        records = self.peer_records()
-        live = {m.node_id for m in ctx.membership.live()}
         peers = [neg.PeerView(ctx.node_id, self.ceiling, True, 0)]
         for node_id, rec in records.items():
             peers.append(neg.PeerView(node_id, int(rec.ceiling), node_id in live, int(rec.over_budget_streak)))
@@ -117,8 +117,9 @@ class Negotiator:
                     ack = neg.Ack.of(proposal_from_pb(rec.ack), node_id)
                     if ack.binds(open_proposal):
                         acks.add(ack)
-            if self.ack is not None and neg.Ack.of(self.ack, ctx.node_id).binds(open_proposal):
-                acks.add(neg.Ack.of(self.ack, ctx.node_id))
+            own = neg.Ack.of(self.ack, ctx.node_id) if self.ack is not None else None
+            if own is not None and own.binds(open_proposal):
+                acks.add(own)
         signatures = []
         for node_id, rec in [(ctx.node_id, self.record), *records.items()]:
             if rec.probe_signature and (node_id == ctx.node_id or node_id in live):
@@ -154,7 +155,7 @@ class Negotiator:
                                            over_budget_streak=over_budget_streak, messenger_loss=own_loss,
                                            probe_signature=signature, tokens=tokens)
         if self.enabled:
-            self._decide(round_)
+            self._decide(self.view(round_, records, live))
             # what the benchmark reports next to the level: why the mesh grew, or held, each round
             self.decisions.append((round_, self.last_decision, self._last_js))
             self.decisions = self.decisions[-256:]
@@ -192,17 +193,16 @@ class Negotiator:
             log.warning("ignored an implausible agreement", extra={"peer": source, "epoch": a.epoch})
         return ok
 
-    def _decide(self, round_: int) -> None:
-        view = self.view(round_)
+    def _decide(self, view: neg.MeshView) -> None:
+        """One pure pass (`negotiate`) over the view, then its outcome applied: status, refusal, decision."""
         self._last_js = view.js_divergence if view.js_divergence is not None else math.nan
-        self.quorum_level = min(neg.quorum_level(view.peers, self.params.quorum), self.params.max_level)
-        if view.open_proposal is not None and view.open_proposal.proposer != self.ctx.node_id:
-            try:
-                neg.validate_proposal(view.open_proposal, view, self.params)
-            except neg.NegotiationError as exc:
-                self._count_refusal(view.open_proposal.proposer, view.open_proposal.epoch, exc.refusal.name,
-                                    exc.detail)
-        decision = neg.decide(view, self.params)
+        outcome = neg.negotiate(view, self.params)
+        self.quorum_level = outcome.quorum_level
+        if outcome.refused is not None:
+            r = outcome.refused
+            self._count_refusal(r.proposer, r.epoch, r.reason.name, r.detail)
+        decision = outcome.decision
+        round_ = view.current_round
         if isinstance(decision, neg.Propose):
             self.proposal = decision.proposal
             self.last_decision = f"propose {decision.proposal.direction.value} to level {decision.proposal.level}"
@@ -214,7 +214,7 @@ class Negotiator:
             self.ack = proposal
             self.last_decision = f"ack epoch {proposal.epoch} level {proposal.level}"
         elif isinstance(decision, neg.Commit):
-            self._adopt(decision.agreement, "quorum acked")
+            self._adopt(decision.agreement, decision.reason)
         else:
             self.last_decision = f"hold: {decision.reason.value}" + (f" ({decision.detail})" if decision.detail else "")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fednode.config import LearningSection
 from fednode.learning import messenger
 from fednode.learning.compress import compress
-from fednode.transport.tensorstream import encode
+from fednode.node.tensorstream import encode
 from tools.scaling import FANOUT, LEVEL, measure
 
 ROUNDS = 3  # measured rounds per node, after the whole mesh is live

@@ -10,7 +10,7 @@ import torch
 from fednode.errors import ProtocolError, Reason
 from fednode.learning.aggregate import validate_update
 from fednode.learning.compress import BLOCK, SCALE_SUFFIX, block_count, compress, decompress
-from fednode.transport.tensorstream import decode, encode
+from fednode.node.tensorstream import decode, encode
 
 
 def _state() -> dict[str, torch.Tensor]:

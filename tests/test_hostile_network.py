@@ -29,13 +29,13 @@ from fednode.launcher import LocalMesh, free_ports
 from fednode.learning.messenger import LADDERS, level_shapes
 from fednode.node.exchange import Recipient
 from fednode.node.peer_service import MAX_PUSHES_PER_CALLER
+from fednode.node.tensorstream import encode
 from fednode.security import pki
 from fednode.security.envelope import EnvelopeSealer
 from fednode.security.hello import verify_hello
 from fednode.security.pki import TrustStore, issue_node, load_identity
 from fednode.transport.base import REASON_METADATA_KEY, PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
-from fednode.transport.tensorstream import encode
 from fednode.v1 import peer_pb2 as pb
 
 ROUND_TIMEOUT_S = 3.0

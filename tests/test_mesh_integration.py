@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fednode.errors import Reason
 from fednode.launcher import LocalMesh, free_ports
 from fednode.node.exchange import Recipient
+from fednode.node.tensorstream import encode
 from fednode.operator_client import fetch_peers
 from fednode.security import tls
 from fednode.security.envelope import EnvelopeSealer
@@ -30,7 +31,6 @@ from fednode.security.pki import TrustStore, issue_node, load_identity
 from fednode.store.checkpoint import load_checkpoint, shared_name
 from fednode.transport.base import PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
-from fednode.transport.tensorstream import encode
 from fednode.v1 import peer_pb2 as pb
 from tools.harness.collect import read_rounds
 

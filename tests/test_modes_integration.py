@@ -31,8 +31,8 @@ from fednode.learning.compress import compress
 from fednode.learning.models import build_model, resolve_preset, state_tensors
 from fednode.learning.optim_state import model_tensors
 from fednode.learning.tokenizer import build_tokenizer
+from fednode.node.tensorstream import encode
 from fednode.store.checkpoint import load_checkpoint, shared_name
-from fednode.transport.tensorstream import encode
 from tools.harness.collect import read_rounds
 
 ROUNDS = 8  # below 10: every update's header (round number) has the same length

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 
 from fednode.errors import ProtocolError, Reason
-from fednode.transport.tensorstream import DTYPE_CODES, EncodedTensors, decode, encode
+from fednode.node.tensorstream import DTYPE_CODES, EncodedTensors, decode, encode
 
 ALL_DTYPES = list(DTYPE_CODES)
 

@@ -18,11 +18,11 @@ import torch
 
 from fednode.errors import ProtocolError, Reason
 from fednode.learning.compress import decompress
+from fednode.node.tensorstream import decode, encode
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
 from fednode.security.pki import NodeIdentity, TrustStore
 from fednode.store.atomic import sha256_file
 from fednode.transport.base import PeerCallError, Transport
-from fednode.transport.tensorstream import decode, encode
 from fednode.v1 import peer_pb2 as pb
 
 

@@ -105,12 +105,12 @@ async def run_sender(opts: Options, identity: Any, tensors: dict[str, Any], mtls
 
     from fednode import PROTOCOL_VERSION
     from fednode.node.exchange import Recipient, push_update
+    from fednode.node.tensorstream import encode
     from fednode.security.envelope import PayloadKey
     from fednode.security.heartbeat import HeartbeatChain
     from fednode.security.hello import check_compatible, sign_hello, verify_hello
     from fednode.security.pki import TrustStore
     from fednode.transport.grpc_transport import MAX_MESSAGE, GrpcTransport
-    from fednode.transport.tensorstream import encode
     from fednode.v1 import peer_pb2 as pb
 
     transport = GrpcTransport(identity)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -279,6 +282,23 @@ def test_the_gpu_preset_runs_the_lora_family_against_fedavg_and_refuses_without_
 
 
 def test_a_cpu_smoke_of_the_gpu_presets_lora_arm_scores_nll_and_pass_at_1(tmp_path):
+    """Runs the smoke below in a fresh interpreter. In the long-lived test process, after the
+    earlier tests, it crashed the whole run with SIGSEGV (exit 139: stop 18's CI and a fresh-clone
+    run, 2026-12-03; main thread in C, two executor threads alive); alone it passed 10 of 10 runs.
+    The cause is not found yet (see the session-9 note): this keeps the code path tested without
+    letting one crash end the suite."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_lora_smoke_in_a_fresh_process"],
+                          env={**os.environ, LORA_SMOKE_ENV: "1"}, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, (proc.returncode, proc.stdout[-3000:],
+                                                                proc.stderr[-2000:])
+
+
+LORA_SMOKE_ENV = "FEDNODE_TEST_LORA_SMOKE"
+
+
+@pytest.mark.skipif(os.environ.get(LORA_SMOKE_ENV) != "1", reason="run in a fresh process by the test above")
+def test_lora_smoke_in_a_fresh_process(tmp_path):
     """The smollm2-gpu code path (lora arm, merged-adapter scoring, greedy pass@1 with real
     execution) on CPU with the micro base: what CI can afford of the GPU study."""
     from tools.convergence.run import run_arm

@@ -267,17 +267,41 @@ def test_an_agreement_is_proven_only_by_a_quorum_of_live_signers():
                       growth_seed=neg.growth_seed(1, 1))
     lie = neg.Agreement(epoch=1000, level=3, previous_level=0, activate_round=2, proposer="x",
                         growth_seed=neg.growth_seed(1000, 3))
-    live = ["me", "p", "q", "x"]  # 4 live: a quorum (2/3) is 3
-    got = neg.proven_agreement(zero, {"p": a, "q": a, "x": lie}, live, 2 / 3, self_id="me")
-    assert got.agreement is None and {n for n, _ in got.unproven} == {"p", "q", "x"}
+    live = ["me", "p", "q", "x", "y", "z"]  # 5 live others: a quorum (2/3) of them is 4
+    got = neg.proven_agreement(zero, {"p": a, "q": a, "y": a, "x": lie}, live, 2 / 3, self_id="me")
+    assert got.agreement is None and {n for n, _ in got.unproven} == {"p", "q", "x", "y"}
     ack = neg.Proposal(epoch=1, level=1, activate_round=5, proposer="p", growth_seed=a.growth_seed,
                        direction=neg.Direction.GROW)
-    got = neg.proven_agreement(zero, {"p": a, "q": a, "x": lie}, live, 2 / 3, own_ack=ack, self_id="me")
-    assert got.agreement == a and got.unproven == (("x", lie),)  # our own ack is the third vote
-    dead = neg.proven_agreement(zero, {"p": a, "q": a, "z": a}, ["me", "p", "q", "x"], 2 / 3, self_id="me")
+    got = neg.proven_agreement(zero, {"p": a, "q": a, "y": a, "x": lie}, live, 2 / 3, own_ack=ack, self_id="me")
+    assert got.agreement == a and got.unproven == (("x", lie),)  # our own ack: 4 votes of 6
+    live = ["me", "p", "q", "x", "y"]  # 4 live others: a quorum (2/3) of them is 3
+    dead = neg.proven_agreement(zero, {"p": a, "q": a, "z": a}, live, 2 / 3, self_id="me")
     assert dead.agreement is None  # z is not live: its signature does not count, p and q are 2 of 4
     three = neg.proven_agreement(zero, {"p": a, "q": a, "x": a}, live, 2 / 3, self_id="me")
     assert three.agreement == a and three.unproven == ()
+    liar = neg.proven_agreement(zero, {"x": lie}, ["me", "p", "q", "x"], 2 / 3, self_id="me")
+    assert liar.agreement is None  # one liar of 3 others is below their quorum (2)
+
+
+def test_a_node_away_while_the_mesh_agreed_adopts_what_its_honest_peers_prove():
+    """A member silent on the agreement (an insider, or one that never acks) must not keep a node
+    that was away (paused, partitioned) out of it: we are no vote when we did not ack. In CI the
+    returning node stayed at epoch 0 / level 0 for good while 2 honest of 4 live claimed epoch 1,
+    then refused every honest update as too far."""
+    from fednode.mesh import negotiation as neg
+
+    zero = neg.Agreement.genesis()
+    a = neg.Agreement(epoch=1, level=1, previous_level=0, activate_round=5, proposer="p",
+                      growth_seed=neg.growth_seed(1, 1))
+    got = neg.proven_agreement(zero, {"p": a, "q": a}, ["me", "p", "q", "mallory"], 2 / 3, self_id="me")
+    assert got.agreement == a  # 2 of the 3 others: their quorum
+    pair = neg.proven_agreement(zero, {"p": a}, ["me", "p"], 2 / 3, self_id="me")
+    assert pair.agreement == a  # a two-node mesh: the one peer that grew while we were away
+    other = neg.Proposal(epoch=1, level=2, activate_round=5, proposer="p", growth_seed=neg.growth_seed(1, 2),
+                         direction=neg.Direction.GROW)
+    acked_else = neg.proven_agreement(zero, {"p": a}, ["me", "p", "q"], 2 / 3, own_ack=other, self_id="me",
+                                      peer_acks={"q": other})
+    assert acked_else.agreement is None  # 1 of the 2 others: our ack of another proposal is no vote for it
 
 
 def test_peers_acks_prove_the_proposers_commit_before_anyone_else_commits():
@@ -292,11 +316,11 @@ def test_peers_acks_prove_the_proposers_commit_before_anyone_else_commits():
                        direction=neg.Direction.GROW)
     other = neg.Proposal(epoch=1, level=2, activate_round=5, proposer="p", growth_seed=neg.growth_seed(1, 2),
                          direction=neg.Direction.GROW)
-    live = ["me", "p", "q", "x"]  # a quorum (2/3) of 4 is 3
+    live = ["me", "p", "q", "x", "y"]  # a quorum (2/3) of the 4 others is 3
     got = neg.proven_agreement(zero, {"p": a}, live, 2 / 3, self_id="me", peer_acks={"q": ack, "x": ack})
     assert got.agreement == a  # p's commit + q's and x's acks
-    got = neg.proven_agreement(zero, {"p": a}, live, 2 / 3, own_ack=ack, self_id="me", peer_acks={"q": ack})
-    assert got.agreement == a  # ... or ours and q's
+    got = neg.proven_agreement(zero, {"p": a}, live[:4], 2 / 3, own_ack=ack, self_id="me", peer_acks={"q": ack})
+    assert got.agreement == a  # ... or, of 3 others and us, ours and q's
     alone = neg.proven_agreement(zero, {"p": a}, live, 2 / 3, self_id="me", peer_acks={"q": ack, "x": other})
     assert alone.agreement is None and alone.unproven == (("p", a),)  # an ack of another proposal is no vote
     dead = neg.proven_agreement(zero, {"p": a}, live, 2 / 3, self_id="me", peer_acks={"q": ack, "z": ack})
@@ -325,6 +349,13 @@ def test_a_state_newer_than_planned_is_taken_once_signed_peers_confirm_it():
     assert not catchup.confirms(46, {"a": 42, "b": 42, "c": 41}, p)
     assert catchup.confirms(46, {"a": 46, "b": 45, "c": 44}, p)  # a gossip later
     assert not catchup.confirms(10**6, {"a": 46, "b": 45, "c": 44, "liar": 10**6}, p)
+
+
+def test_a_node_that_heard_an_agreement_after_its_activation_re_syncs():
+    assert catchup.missed_activation(activate_round=40, level=1, trained_level=0, committed_round=45)
+    assert catchup.missed_activation(activate_round=45, level=1, trained_level=0, committed_round=45)
+    assert not catchup.missed_activation(activate_round=46, level=1, trained_level=0, committed_round=45)
+    assert not catchup.missed_activation(activate_round=40, level=1, trained_level=1, committed_round=45)
 
 
 def test_a_node_whose_peers_are_all_too_far_is_the_one_that_diverged():

@@ -533,31 +533,36 @@ def proven_agreement(committed: Agreement, claims: Mapping[str, Agreement], live
                      quorum: float, own_ack: Proposal | None = None, self_id: str = "",
                      peer_acks: Mapping[str, Proposal] | None = None) -> Proven:
     """Which committed agreement heard by gossip may be adopted: one that a quorum of the live members
-    (self included in the count) vouch for, each by its own signed record claiming that very commit
+    (self counted only when it acked: below) vouch for, each by its own signed record claiming that very commit
     or acking the proposal it commits. An honest proposer commits only after a quorum acked, so those
     acks (or the commits that replace them) are the proof; one liar, or a minority, cannot make it.
     Acks count because the proposer's commit is usually heard first: waiting for a quorum of *commit*
     claims would leave every acker waiting on the others. Pure.
 
     `claims` are the agreements in live peers' signed records and `peer_acks` the proposals they ack
-    (self excluded; our own ack is `own_ack`)."""
-    live = set(live_ids) | ({self_id} if self_id else set())
-    need = quorum_count(len(live), quorum)
+    (self excluded; our own ack is `own_ack`).
+
+    We count in the quorum's base only when we acked: a node that was away while the mesh agreed
+    (paused, partitioned, restarting) has no vote to give, and counting it as a silent "no" let one
+    silent or lying member keep it out of the agreement for ever (2 honest claims of 4 live < 3), at
+    a level apart from the mesh whose updates it then refused. Without us, a quorum (2/3) of the
+    other live members is still more than a third of them: never the liars alone."""
+    others = set(live_ids) - {self_id}
     groups: dict[tuple[int, int, int, str, int], list[tuple[str, Agreement]]] = {}
     for node_id, agreement in sorted(claims.items()):
-        if node_id in live and node_id != self_id and agreement.epoch > committed.epoch:
+        if node_id in others and agreement.epoch > committed.epoch:
             groups.setdefault(commit_key(agreement), []).append((node_id, agreement))
     ackers: dict[tuple[int, int, int, str, int], set[str]] = {}
     for node_id, ack in (peer_acks or {}).items():
-        if node_id in live and node_id != self_id:
+        if node_id in others:
             ackers.setdefault(_proposal_key(ack), set()).add(node_id)
-    if own_ack is not None and self_id:
-        ackers.setdefault(_proposal_key(own_ack), set()).add(self_id)
+    own_key = _proposal_key(own_ack) if own_ack is not None and self_id else None
     best: Agreement | None = None
     unproven: list[tuple[str, Agreement]] = []
     for key, supporters in groups.items():
-        votes = {n for n, _ in supporters} | ackers.get(key, set())
-        if len(votes) >= need:
+        we_acked = key == own_key
+        votes = {n for n, _ in supporters} | ackers.get(key, set()) | ({self_id} if we_acked else set())
+        if len(votes) >= quorum_count(len(others) + we_acked, quorum):
             candidate = supporters[0][1]
             for _, other in supporters[1:]:
                 candidate = reconcile(candidate, other)

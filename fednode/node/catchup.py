@@ -48,6 +48,14 @@ def diverged(far: Mapping[str, int], round_: int, n_peers: int, window: int = DI
     return recent >= max(2, confirmations_needed(n_peers))
 
 
+def missed_activation(activate_round: int, level: int, trained_level: int, committed_round: int) -> bool:
+    """Whether an agreement heard late (we were away while the mesh agreed) took effect in a round
+    we already committed at another level: the mesh then trained a slice we never did, our state is
+    far from every peer's (each refuses the other's updates), and only the mesh's state brings us
+    back in step; an agreement that activates in a round still to come needs nothing."""
+    return level != trained_level and activate_round <= committed_round
+
+
 @dataclass(frozen=True)
 class CatchUpPlan:
     target: int  # the confirmed round

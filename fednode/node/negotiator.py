@@ -70,6 +70,7 @@ class Negotiator:
         self.quorum_level = 0
         self._refused: set[tuple[str, int]] = set()
         self.record = pb.NegotiationRecord()
+        self.heard_late: neg.Agreement | None = None  # adopted from peers' proof, not our own commit
 
     # ------------------------------------------------------------------ state of the mesh
     def restore(self) -> None:
@@ -79,6 +80,12 @@ class Negotiator:
         if agreement is not None:
             self.committed = agreement
             self.ctx.epoch, self.ctx.level = agreement.epoch, agreement.level
+
+    def take_heard_late(self) -> neg.Agreement | None:
+        """The agreement last adopted from peers' proof, once (the round loop checks whether we missed
+        its activation)."""
+        heard, self.heard_late = self.heard_late, None
+        return heard
 
     def level_for(self, round_: int) -> int:
         """The slice this node trains in `round_`: the level in force, capped by its ceiling."""
@@ -184,6 +191,7 @@ class Negotiator:
         if proven.agreement is not None:
             supporters = sorted(n for n, a in claims.items() if neg.commit_key(a) == neg.commit_key(proven.agreement))
             self._adopt(proven.agreement, f"proven by {','.join(supporters)}")
+            self.heard_late = self.committed
 
     def _plausible(self, a: neg.Agreement, source: str) -> bool:
         ok = 0 <= a.level <= self.params.max_level and a.growth_seed == neg.growth_seed(a.epoch, a.level)

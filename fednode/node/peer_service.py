@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 REVOKED_LOG_EVERY_S = 60.0
 
 
+# Mesh timing, not a fault: a round the receiver has left or not reached yet (a joiner catching up,
+# a straggler), a member whose hello has not reached us yet (a joiner that heard of us by gossip
+# and asks for state before its handshake lands). Counted like every refusal, logged without alarm.
+TIMING_REASONS = frozenset({Reason.STALE_ROUND, Reason.NOT_READY, Reason.UNKNOWN_PEER})
+
+
 class RateLimiter:
     """Token bucket per caller: a flood of calls costs the flooder, not the node (or its other peers).
 
@@ -143,9 +149,7 @@ class PeerService:
             if len(self._quiet_logged) > 4096:
                 self._quiet_logged.clear()
             self._quiet_logged[key] = now
-        # a round the receiver has left or not reached yet is mesh timing (a joiner catching up, a
-        # straggler), not a fault: counted like every refusal, logged without alarm
-        level = logging.INFO if exc.reason in (Reason.STALE_ROUND, Reason.NOT_READY) else logging.WARNING
+        level = logging.INFO if exc.reason in TIMING_REASONS else logging.WARNING
         log.log(level, "refused peer message: %s", exc.detail,
                 extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
 

@@ -24,7 +24,7 @@ from fednode.node.context import NodeContext, Phase
 from fednode.node.exchange import fetch_state, push_update
 from fednode.node.learner import Contribution, Learner, checkpoint_metadata
 from fednode.node.negotiator import Negotiator
-from fednode.node.peer_service import check_dtypes, update_size_limit
+from fednode.node.peer_service import TIMING_REASONS, check_dtypes, update_size_limit
 from fednode.node.schedule import expected_senders, push_targets
 from fednode.security import bounds
 from fednode.store.checkpoint import (
@@ -61,6 +61,7 @@ class RoundLoop:
         self.missed: dict[str, int] = {}  # peer -> consecutive rounds it was expected and did not arrive
         self.blacklist: dict[str, float] = {}  # donor -> monotonic time it may be asked again
         self.far: dict[str, int] = {}  # peer -> last round its state was refused as too far (none merged since)
+        self.missed_activation = False  # an agreement took effect while we were away: re-sync due
 
     @property
     def target(self) -> int:
@@ -118,16 +119,23 @@ class RoundLoop:
         if not self.learner.shares:  # local mode: nothing travels, in either direction
             return
         claims = self.signed_rounds()
-        resync = catchup.diverged(self.far, ctx.committed_round, len(claims))
+        heard = self.negotiator.take_heard_late()
+        if heard is not None and catchup.missed_activation(heard.activate_round, heard.level, self.learner.level,
+                                                           ctx.committed_round):
+            self.missed_activation = True  # until a donor's state is adopted (its fetch may fail for now)
+        missed = self.missed_activation
+        resync = missed or catchup.diverged(self.far, ctx.committed_round, len(claims))
         plan = catchup.plan(ctx.committed_round, 0 if resync else ctx.cfg.train.catchup_lag, claims,
                             self.blacklisted())
         if plan is None:
             return
         ctx.phase = Phase.CATCHING_UP
         by_id = {m.node_id: m for m in ctx.membership.live()}
-        log.info("diverged from the mesh (peers' states all too far): fetching state" if resync else
-                 "behind the mesh: fetching state", extra={"round": ctx.committed_round, "peer": plan.donors[0],
-                                                          "peer_round": plan.target, "peers": ",".join(self.far)})
+        why = ("missed the activation of the mesh's agreement: fetching state" if missed else
+               "diverged from the mesh (peers' states all too far): fetching state" if resync else
+               "behind the mesh: fetching state")
+        log.info(why, extra={"round": ctx.committed_round, "peer": plan.donors[0], "peer_round": plan.target,
+                             "peers": ",".join(self.far)})
         deadline = self.clock() + ctx.cfg.train.round_timeout_s  # one deadline for every donor together
         for donor in plan.donors[:MAX_DONORS]:
             remaining = deadline - self.clock()
@@ -162,8 +170,9 @@ class RoundLoop:
                                         timeout=timeout)
         except (PeerCallError, ProtocolError) as exc:
             reason = reason_name(exc.reason) if exc.reason else "UNAVAILABLE"
-            log.warning("state fetch failed: %s", exc, extra={"round": ctx.committed_round, "peer": donor,
-                                                              "reason": reason})
+            level = logging.INFO if exc.reason in TIMING_REASONS else logging.WARNING
+            log.log(level, "state fetch failed: %s", exc, extra={"round": ctx.committed_round, "peer": donor,
+                                                                 "reason": reason})
             if isinstance(exc, ProtocolError):
                 ctx.metrics.refuse_input("catch-up", donor, reason)
             self._blacklist(donor, FAILED_DONOR_BLACKLIST_ROUNDS)
@@ -191,6 +200,7 @@ class RoundLoop:
         fetched.path.unlink(missing_ok=True)
         self.learner.adopt_shared(tensors, level)
         self.far.clear()
+        self.missed_activation = False
         ctx.metrics.received(fetched.sender, fetched.nbytes, 0)
         if fetched.round <= own_round:  # re-synced in step: the next round trains from the mesh's state
             log.info("re-synced with the mesh", extra={"round": own_round, "peer": fetched.sender,

@@ -160,3 +160,19 @@ def test_without_peft_the_lora_family_is_one_line_naming_the_extra(tmp_path, mon
     with pytest.raises(ConfigError) as err:
         build_learner(_configs(tmp_path, 1)[0])
     assert 'pip install "fednode[lora]"' in str(err.value) and "\n" not in str(err.value)
+
+
+def test_attaching_adapters_leaves_torchs_global_generator_alone(tmp_path):
+    """peft's own A draw came from the global generator, unlocked: interleaved with another node's
+    seeded build in one process (the sim harness), that node's base came out different, its family
+    hash too, and the two never formed a mesh (the LoRA smoke hung in CI waiting for membership)."""
+    from fednode.learning.models import build_model
+    from fednode.learning.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok", vocab_size=4096)
+    model = build_model("micro", tok, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    lora.attach(model, 4, 2, private_seed=7)
+    assert torch.equal(torch.rand(4), expected)

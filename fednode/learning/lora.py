@@ -25,6 +25,8 @@ from typing import Any, cast
 
 import torch
 
+from fednode.learning.models import SEEDED_INIT
+
 SHARED = "shared"
 PRIVATE = "private"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama-style blocks
@@ -71,7 +73,12 @@ def attach(model: torch.nn.Module, top_rank: int, private_rank: int, private_see
         return LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0, bias="none")
 
     active = [SHARED]
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
+    # peft draws its initial A from torch's one global generator: unlocked, that draw interleaved
+    # with another node's seeded build in the same process (the sim harness), that node's base came
+    # out different, its family hash too, and the two never formed a mesh (CI's LoRA smoke hung
+    # waiting for membership). The draw is overwritten below anyway; it only must not disturb others.
+    with SEEDED_INIT, torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question (is_gradient_checkpointing)
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config(top_rank), adapter_name=SHARED)
         if private_rank > 0:

@@ -35,6 +35,12 @@ def ahead_of_mesh(open_round: int, claims: Mapping[str, int]) -> bool:
     return bool(claims) and open_round > confirmed_round(claims) + 1
 
 
+# rounds in a row in which every update that reached us was refused as too far and none merged:
+# then we are the one apart even when a single peer pushes to us (in a 4-member fanout-2 mesh a
+# node hears one honest peer only; a lagger stayed apart for good, seen in CI). An insider pushing
+# far states can make us re-sync at most this often, from a donor that signed rounds confirm.
+ISOLATED_ROUNDS = 2 * 4
+
 DIVERGED_WINDOW = 4  # rounds: far refusals this recent (with no merge since) count towards `diverged`
 
 

@@ -62,6 +62,7 @@ class RoundLoop:
         self.blacklist: dict[str, float] = {}  # donor -> monotonic time it may be asked again
         self.far: dict[str, int] = {}  # peer -> last round its state was refused as too far (none merged since)
         self.missed_activation = False  # an agreement took effect while we were away: re-sync due
+        self.far_streak = 0  # rounds in a row whose arrivals were all refused as too far
 
     @property
     def target(self) -> int:
@@ -124,7 +125,8 @@ class RoundLoop:
                                                            ctx.committed_round):
             self.missed_activation = True  # until a donor's state is adopted (its fetch may fail for now)
         missed = self.missed_activation
-        resync = missed or catchup.diverged(self.far, ctx.committed_round, len(claims))
+        resync = missed or catchup.diverged(self.far, ctx.committed_round, len(claims)) \
+            or self.far_streak >= catchup.ISOLATED_ROUNDS
         plan = catchup.plan(ctx.committed_round, 0 if resync else ctx.cfg.train.catchup_lag, claims,
                             self.blacklisted())
         if plan is None:
@@ -201,6 +203,7 @@ class RoundLoop:
         self.learner.adopt_shared(tensors, level)
         self.far.clear()
         self.missed_activation = False
+        self.far_streak = 0
         ctx.metrics.received(fetched.sender, fetched.nbytes, 0)
         if fetched.round <= own_round:  # re-synced in step: the next round trains from the mesh's state
             log.info("re-synced with the mesh", extra={"round": own_round, "peer": fetched.sender,
@@ -349,6 +352,8 @@ class RoundLoop:
         if contributions:
             self.far.clear()  # we merged with the mesh: in step with it
         self.far.update(dict.fromkeys(far, round_))
+        # rounds in a row where something arrived, all of it too far, nothing merged
+        self.far_streak = self.far_streak + 1 if far and not contributions else 0 if contributions else self.far_streak
         peer_losses = {n: r.messenger_loss for n, r in self.negotiator.peer_records().items()}
         try:
             return await asyncio.to_thread(self.learner.merge, contributions, peer_losses)

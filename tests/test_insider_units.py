@@ -358,6 +358,15 @@ def test_a_node_that_heard_an_agreement_after_its_activation_re_syncs():
     assert not catchup.missed_activation(activate_round=40, level=1, trained_level=1, committed_round=45)
 
 
+def test_a_node_refused_far_round_after_round_by_its_only_pusher_counts_towards_a_re_sync():
+    streak = 0
+    for _ in range(catchup.ISOLATED_ROUNDS):
+        streak = catchup.next_far_streak(streak, refused_far=True, merged=False)
+    assert streak == catchup.ISOLATED_ROUNDS
+    assert catchup.next_far_streak(streak, refused_far=False, merged=False) == streak  # a quiet round
+    assert catchup.next_far_streak(streak, refused_far=True, merged=True) == 0  # merged: in step
+
+
 def test_a_node_whose_peers_are_all_too_far_is_the_one_that_diverged():
     """A node that raced alone refused every honest state as too far, and they refused its own, for
     hundreds of rounds: several distinct peers all far (no merge since) means re-sync; one far peer

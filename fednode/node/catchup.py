@@ -41,6 +41,14 @@ def ahead_of_mesh(open_round: int, claims: Mapping[str, int]) -> bool:
 # far states can make us re-sync at most this often, from a donor that signed rounds confirm.
 ISOLATED_ROUNDS = 2 * 4
 
+def next_far_streak(streak: int, refused_far: bool, merged: bool) -> int:
+    """Rounds in a row whose arrivals were all refused as too far: a merge resets it, a round with
+    nothing far (or nothing at all) leaves it, a round refused far with no merge extends it."""
+    if merged:
+        return 0
+    return streak + 1 if refused_far else streak
+
+
 DIVERGED_WINDOW = 4  # rounds: far refusals this recent (with no merge since) count towards `diverged`
 
 

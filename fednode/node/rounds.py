@@ -353,7 +353,7 @@ class RoundLoop:
             self.far.clear()  # we merged with the mesh: in step with it
         self.far.update(dict.fromkeys(far, round_))
         # rounds in a row where something arrived, all of it too far, nothing merged
-        self.far_streak = self.far_streak + 1 if far and not contributions else 0 if contributions else self.far_streak
+        self.far_streak = catchup.next_far_streak(self.far_streak, bool(far), bool(contributions))
         peer_losses = {n: r.messenger_loss for n, r in self.negotiator.peer_records().items()}
         try:
             return await asyncio.to_thread(self.learner.merge, contributions, peer_losses)

@@ -191,3 +191,19 @@ def test_cli_bad_from_run_is_one_line(tmp_path, kind):
 def test_cli_bad_batch_sizes_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(throughput, ["--batch-sizes", "1,x", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "comma-separated" in result.output
+
+
+def test_speedup_bound_matches_leviathan_and_picks_the_draft_length_by_acceptance():
+    from tools.throughput.metrics import best_draft_length, speedup_bound
+
+    assert speedup_bound(0.0, 0, 0.5) == 1.0  # no draft: plain decoding
+    assert abs(speedup_bound(0.8, 3, 0.1) - (1 - 0.8 ** 4) / (0.2 * 1.3)) < 1e-12
+    assert speedup_bound(1.0, 4, 0.0) == 5.0
+    # the tiny-cpu pair: c = 0.46 caps even 90 % acceptance below 1.5x
+    assert max(speedup_bound(0.9, g, 0.46) for g in range(21)) < 1.5
+    gamma, bound = best_draft_length(0.9, 0.05)
+    assert gamma > 5 and bound > 3.0  # a cheap, accurate draft drafts long
+    assert best_draft_length(0.04, 0.2) == (0, 1.0)  # 4 % acceptance: drafting never pays
+    assert best_draft_length(0.6, 0.3)[0] < best_draft_length(0.8, 0.3)[0]
+    with pytest.raises(ValueError):
+        speedup_bound(1.5, 2, 0.1)

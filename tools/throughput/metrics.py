@@ -150,3 +150,22 @@ def truncate_prompt(ids: Sequence[int], keep: int) -> list[int]:
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     return list(ids[-keep:])
+
+
+def speedup_bound(alpha: float, gamma: int, cost: float) -> float:
+    """Leviathan et al.'s expected speedup of speculative decoding (their eq. for walltime improvement):
+    (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1)), for per-token acceptance `alpha`, `gamma`
+    draft tokens per step and draft cost `c` (one draft forward over one target forward)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"acceptance must be in [0, 1], got {alpha}")
+    if gamma < 0 or cost < 0:
+        raise ValueError(f"gamma ({gamma}) and cost ({cost}) must be >= 0")
+    expected = gamma + 1.0 if alpha == 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    return expected / (gamma * cost + 1.0)
+
+
+def best_draft_length(alpha: float, cost: float, max_gamma: int = 20) -> tuple[int, float]:
+    """The draft length (0..max_gamma; 0 = do not draft) that maximises `speedup_bound`, and that bound:
+    chosen from the measured acceptance and cost, not a constant."""
+    best = max(range(max_gamma + 1), key=lambda g: (speedup_bound(alpha, g, cost), -g))
+    return best, speedup_bound(alpha, best, cost)

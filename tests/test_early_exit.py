@@ -1,0 +1,62 @@
+"""The self-speculative draft (fednode.learning.early_exit) on a real built-from-config Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from fednode.learning.early_exit import early_exit_draft, exit_parameters, train_exit
+from fednode.learning.models import PRESETS, ModelPreset, build_model
+from fednode.learning.tokenizer import build_tokenizer
+
+FOUR = ModelPreset(name="four", hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
+                   vocab_size=PRESETS["micro"].vocab_size, max_positions=128)
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory):
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
+    return build_model(FOUR, tok, seed=0).eval()
+
+
+def test_the_draft_is_the_private_models_own_prefix_and_head(private):
+    draft = early_exit_draft(private, 2)
+    assert draft.model.layers[0] is private.model.layers[0] and len(draft.model.layers) == 2
+    assert draft.model.embed_tokens is private.model.embed_tokens and draft.lm_head is private.lm_head
+    own = exit_parameters(draft, private)
+    assert sum(p.numel() for p in own) == FOUR.hidden_size  # only the exit norm is its own
+    full = early_exit_draft(private, 4)  # every layer: exactly P
+    ids = torch.randint(0, FOUR.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(full(input_ids=ids).logits, private(input_ids=ids).logits)
+    layer = early_exit_draft(private, 2, exit="layer")
+    assert len(layer.model.layers) == 3 and layer.model.layers[2] is not private.model.layers[2]
+    with pytest.raises(ValueError, match="outside 1..3"):
+        early_exit_draft(private, 4, exit="layer")
+    with pytest.raises(ValueError, match="exit"):
+        early_exit_draft(private, 1, exit="bogus")
+
+
+def test_training_the_exit_moves_it_toward_p_and_leaves_p_unchanged(private):
+    draft = early_exit_draft(private, 1, exit="layer")
+    before = {k: v.clone() for k, v in private.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, FOUR.vocab_size, (4, 24), generator=g) for _ in range(40)]
+    heldout = [torch.randint(0, FOUR.vocab_size, (4, 24), generator=g) for _ in range(2)]
+    out = train_exit(draft, private, batches, heldout, lr=3e-3)
+    assert out.steps == 40 and out.kl_after < out.kl_before
+    assert all(torch.equal(before[k], v) for k, v in private.state_dict().items())
+    assert all(p.requires_grad for p in private.parameters())
+
+
+def test_assisted_generation_with_the_early_exit_draft_is_ps_greedy_output(private):
+    draft = early_exit_draft(private, 2, exit="layer")
+    ids = torch.randint(5, FOUR.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24, num_assistant_tokens=4,
+                           eos_token_id=private.config.eos_token_id, pad_token_id=private.config.eos_token_id)
+    with torch.no_grad():
+        plain = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        assisted = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                                    assistant_model=draft)
+    assert torch.equal(plain, assisted)

@@ -60,3 +60,32 @@ def test_assisted_generation_with_the_early_exit_draft_is_ps_greedy_output(priva
         assisted = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
                                     assistant_model=draft)
     assert torch.equal(plain, assisted)
+
+
+def test_a_subset_head_scores_only_its_tokens_and_keeps_ps_greedy_output(private):
+    from fednode.learning.early_exit import SubsetHead, coverage, frequent_tokens, with_subset_head
+
+    blocks = [torch.tensor([[7, 7, 7, 9, 9, 3]]), torch.tensor([[9, 5]])]
+    keep = frequent_tokens(blocks, 2, always=(0,))
+    assert keep.tolist() == [0, 7, 9]  # 9 and 7 are the two most frequent, 0 (EOS) always
+    assert coverage(keep, [[7, 9, 3], [0]]) == 0.75
+    head = SubsetHead(private.lm_head.weight, keep)
+    hidden = torch.randn(2, 3, FOUR.hidden_size)
+    full = private.lm_head(hidden)
+    out = head(hidden)
+    assert out.shape == full.shape and torch.allclose(out[..., keep], full[..., keep], atol=1e-5)
+    others = torch.ones(FOUR.vocab_size, dtype=torch.bool)
+    others[keep] = False
+    assert bool((out[..., others] == torch.finfo(out.dtype).min).all())
+    with pytest.raises(ValueError, match="token ids"):
+        SubsetHead(private.lm_head.weight, torch.tensor([FOUR.vocab_size]))
+    common = torch.arange(5, FOUR.vocab_size, 3)  # a third of the vocabulary: drafts miss the rest
+    draft = with_subset_head(early_exit_draft(private, 2, exit="layer"), common)
+    ids = torch.randint(5, FOUR.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24, num_assistant_tokens=4,
+                           eos_token_id=private.config.eos_token_id, pad_token_id=private.config.eos_token_id)
+    with torch.no_grad():
+        plain = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        assisted = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                                    assistant_model=draft)
+    assert torch.equal(plain, assisted)

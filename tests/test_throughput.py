@@ -159,6 +159,34 @@ def test_cli_writes_report_and_last_line_json(tmp_path):
     assert len([r for r in data["generation"] if r["model"] == "messenger" and r["supported"]]) == 2 * 4
     assert "draft_speedup" in (out / "throughput.md").read_text()
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    a = data["assisted"]  # the draft length was chosen from a calibration run, and the bound is beside it
+    assert a["draft_length_choice"]["prompts"] >= 1 and a["draft_length"] >= 1 and a["cost"] > 0
+    assert a["alpha"] is not None and 0.0 <= a["alpha"] <= 1.0 and a["bound"] is not None
+
+
+def test_cli_self_draft_is_ps_own_prefix_and_keeps_its_greedy_output(tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(throughput, ["--preset", "micro", "--limit", "1", "--max-new-tokens", "8",
+                                             "--batch-sizes", "1", "--draft", "self", "--exit-layers", "1",
+                                             "--exit-steps", "2", "--draft-vocab", "64", "--draft-length", "3",
+                                             "--train-steps", "0", "--cache", str(tmp_path / "cache"),
+                                             "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["identical"] is True and last["draft_kind"] == "self" and last["draft_length"] == 3
+    data = json.loads((out / "throughput.json").read_text())
+    info = data["draft_training"]
+    assert info["layers"] == 1 and info["exit"] == "layer" and info["steps"] == 2 and info["vocab"] >= 64
+    assert info["agreement_after"] is not None and data["assisted"]["draft_length_choice"]["prompts"] == 0
+    assert any(r["model"] == "self-draft" for r in data["generation"])
+    assert "early exit" in (out / "throughput.md").read_text()
+
+
+def test_cli_bad_draft_length_and_self_from_run_are_usage_errors(tmp_path):
+    result = CliRunner().invoke(throughput, ["--draft-length", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "must be >= 1" in result.output
+    result = CliRunner().invoke(throughput, ["--draft", "self", "--from-run", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "drop --from-run" in result.output
 
 
 def test_cli_bad_out_is_one_line(tmp_path):
@@ -207,3 +235,17 @@ def test_speedup_bound_matches_leviathan_and_picks_the_draft_length_by_acceptanc
     assert best_draft_length(0.6, 0.3)[0] < best_draft_length(0.8, 0.3)[0]
     with pytest.raises(ValueError):
         speedup_bound(1.5, 2, 0.1)
+
+
+def test_alpha_is_recovered_from_tokens_per_target_call():
+    from tools.throughput.metrics import alpha_from_tokens_per_call
+
+    for alpha in (0.0, 0.3, 0.75, 0.95):
+        tpc = (1 - alpha ** 5) / (1 - alpha)
+        assert abs(alpha_from_tokens_per_call(tpc, 4) - alpha) < 1e-6
+    assert alpha_from_tokens_per_call(5.0, 4) > 0.999999  # every draft token accepted
+    assert alpha_from_tokens_per_call(1.0, 4) < 1e-6  # none
+    with pytest.raises(ValueError, match="outside"):
+        alpha_from_tokens_per_call(6.0, 4)
+    with pytest.raises(ValueError, match="gamma"):
+        alpha_from_tokens_per_call(1.5, 0)

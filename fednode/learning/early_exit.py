@@ -11,12 +11,18 @@ P itself is never changed, so greedy output verified by P stays P's output.
 
 transformers' assisted generation takes the draft as `assistant_model`; the draft keeps its own
 KV cache (the shared layers' keys are recomputed, the cost the measured `c` includes).
+
+The output head is a large part of a shallow draft's cost (SmolLM2-135M: 28M of its 135M
+parameters, as much as 8 of its 30 layers, multiplied at every drafted token). `with_subset_head`
+gives the draft a head over only the most frequent tokens of the site's code (FR-Spec, Zhao et al.
+2025): a draft can then propose only those, which costs acceptance only where P's next token is rare.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +71,53 @@ def exit_parameters(draft, private) -> list[torch.nn.Parameter]:
     return [p for p in draft.parameters() if id(p) not in shared]
 
 
+class SubsetHead(torch.nn.Module):
+    """An output head over `keep` token ids only: full-vocabulary logits, the minimum elsewhere.
+
+    The rows are a copy of the head's (a draft is built from a fixed P; rebuild it after P trains),
+    so a forward multiplies by len(keep) rows, not the whole vocabulary. Logits keep the full
+    vocabulary width, so assisted generation reads token ids in P's own token space.
+    """
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor) -> None:
+        super().__init__()
+        keep = torch.as_tensor(keep, dtype=torch.long, device=weight.device).unique()
+        if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= weight.shape[0]:
+            raise ValueError(f"a subset head needs token ids in 0..{weight.shape[0] - 1}, got {keep.numel()} ids")
+        self.vocab_size = int(weight.shape[0])
+        self.register_buffer("index", keep)
+        self.register_buffer("rows", weight.detach()[keep].clone())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        part = hidden @ self.rows.T
+        out = part.new_full((*part.shape[:-1], self.vocab_size), torch.finfo(part.dtype).min)
+        return out.index_copy_(-1, self.index, part)
+
+
+def frequent_tokens(blocks: list[torch.Tensor], count: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The `count` most frequent token ids in `blocks` (ties: the lower id), plus `always` (e.g. EOS)."""
+    if count < 1:
+        raise ValueError(f"a subset head needs at least one token, got {count}")
+    ids = torch.cat([b.reshape(-1) for b in blocks]) if blocks else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(ids)
+    order = torch.sort(counts, descending=True, stable=True).indices[:count]
+    chosen = order[counts[order] > 0].tolist()
+    return torch.tensor(sorted({*chosen, *always}), dtype=torch.long)
+
+
+def with_subset_head(draft, keep: torch.Tensor):
+    """The draft with its head replaced by a `SubsetHead` over `keep` (in place; returns the draft)."""
+    draft.lm_head = SubsetHead(draft.lm_head.weight, keep)
+    return draft
+
+
+def coverage(keep: torch.Tensor, tokens: list[list[int]]) -> float:
+    """Fraction of `tokens` (e.g. P's greedy outputs) a subset head can propose at all."""
+    flat = [t for row in tokens for t in row]
+    kept = set(keep.tolist())
+    return sum(t in kept for t in flat) / len(flat) if flat else 0.0
+
+
 @dataclass(frozen=True)
 class ExitTraining:
     steps: int
@@ -90,7 +143,7 @@ def agreement(draft, private, batches: list[torch.Tensor]) -> tuple[float, float
 
 
 def train_exit(draft, private, batches, heldout: list[torch.Tensor], *, lr: float = 1e-3,
-               temperature: float = 1.0) -> ExitTraining:
+               temperature: float = 1.0, progress: Callable[[str], None] | None = None) -> ExitTraining:
     """Fit the exit toward P on `batches` (token-id tensors); P and the shared layers stay frozen."""
     params = exit_parameters(draft, private)
     if not params:
@@ -115,6 +168,8 @@ def train_exit(draft, private, batches, heldout: list[torch.Tensor], *, lr: floa
             opt.step()
             steps += 1
             tokens += batch.numel()
+            if progress is not None and steps % 10 == 0:
+                progress(f"exit training: step {steps}, KL to P {loss.item():.3f}")
     finally:
         for p in shared:
             p.requires_grad_(True)

@@ -20,6 +20,20 @@ DEFAULTS = {
     "smollm2-135m": (4, 48, 60, 4, 2),
     "micro": (2, 16, 0, 4, 1),
 }
+EXIT_STEPS = {"tiny-cpu": 200, "smollm2-135m": 200, "micro": 2}  # --draft self: exit training steps
+
+
+def parse_draft_length(text: str) -> int | None:
+    """'auto' -> None (chosen from a calibration run); 'N' -> N draft tokens per step (N >= 1)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither 'auto' nor an integer, e.g. --draft-length 4") from None
+    if value < 1:
+        raise click.BadParameter(f"{text!r}: a fixed draft length must be >= 1 (or 'auto')")
+    return value
 
 
 def default_cache() -> Path:
@@ -66,6 +80,23 @@ class _Say:
 @click.option("--draft-level", type=click.IntRange(min=0), default=None,
               help="Messenger level used as draft [default: the largest level the private model out-sizes 8x, "
                    "else 0; with --from-run: the run's level].")
+@click.option("--draft", "draft_kind", type=click.Choice(("messenger", "self")), default="messenger",
+              show_default=True,
+              help="messenger: a messenger ladder level drafts; self: the private model's own first layers "
+                   "with a trained exit (early exit, no second model).")
+@click.option("--exit-layers", type=click.IntRange(min=1), default=None,
+              help="--draft self: private-model layers before the exit [default: a quarter of them].")
+@click.option("--exit", "exit_kind", type=click.Choice(("norm", "layer")), default="layer", show_default=True,
+              help="--draft self: the exit's own part: a copy of the final norm, or that plus a copy of the "
+                   "next layer.")
+@click.option("--exit-steps", type=click.IntRange(min=0), default=None,
+              help="--draft self: exit training steps toward the private model on local code "
+                   "[default: 200 tiny-cpu, 200 smollm2-135m, 2 micro].")
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--draft self: draft over the N most frequent local-code tokens only (a cheaper head); 0: all.")
+@click.option("--draft-length", default="auto", show_default=True,
+              help="Draft tokens per step: auto (chosen from acceptance and cost on 2 prompts outside the "
+                   "measured ones) or a fixed N.")
 @click.option("--from-run", type=click.Path(path_type=Path), default=None,
               help="Take the private model and messenger from the newest round checkpoint of a node data dir "
                    "(DIR/checkpoints/round-*.safetensors) or of the first node in a results dir.")
@@ -81,7 +112,9 @@ class _Say:
               help="Tokenizer and converted-model cache [default: ~/.cache/fednode].")
 def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tokens: int | None, batch_sizes: str,
                draft_steps: int | None, draft_level: int | None, from_run: Path | None, prompt_tokens: int,
-               train_steps: int | None, seed: int, device: str, threads: int | None, cache: Path | None) -> None:
+               train_steps: int | None, seed: int, device: str, threads: int | None, cache: Path | None,
+               draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
+               draft_length: str) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -95,6 +128,10 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     from tools.throughput.errors import BenchFailure
 
     sizes = parse_batch_sizes(batch_sizes)
+    length = parse_draft_length(draft_length)
+    if draft_kind == "self" and from_run is not None:
+        raise click.UsageError("--draft self takes the preset's private model, not a run's: drop --from-run "
+                               "(or draft the run by its messenger with --draft messenger)")
     d_limit, d_new, d_steps, d_batch, d_train = DEFAULTS[preset]
     out_dir = out_dir if out_dir is not None else Path("bench") / "results" / f"throughput-{preset}"
     prepare_out_dir(out_dir)  # fail before minutes of work, not after
@@ -118,7 +155,9 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    batch_sizes=sizes, draft_steps=d_steps if draft_steps is None else draft_steps,
                    draft_batch=d_batch, draft_level=draft_level, prompt_tokens=prompt_tokens,
                    train_steps=d_train if train_steps is None else train_steps, from_run=from_run, seed=seed,
-                   device=device, cache=cache or default_cache())
+                   device=device, cache=cache or default_cache(), draft_kind=draft_kind, exit_layers=exit_layers,
+                   exit_kind=exit_kind, exit_steps=EXIT_STEPS[preset] if exit_steps is None else exit_steps,
+                   draft_vocab=draft_vocab, draft_length=length)
     say = _Say()
     try:
         result = run_benchmark(opts, say)
@@ -134,7 +173,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     say(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
     a = result["assisted"]
     speed = result["draft_speedup"]
+    bound = "-" if a["bound"] is None else f"{a['bound']:.2f}"
     click.echo(f"{preset}: draft_speedup {speed:.2f} ({a['verdict']}); identical: {a['identical']} "
-               f"({a['mismatches']} mismatches); acceptance {a.get('acceptance_rate')}; "
-               f"param ratio {result['param_ratio']:.1f}x")
+               f"({a['mismatches']} mismatches); draft length {a['draft_length']}, alpha {a['alpha']}, "
+               f"c {a['cost']:.3f}, bound {bound}")
     emit_last_line(render.summary(result, paths))

@@ -46,6 +46,12 @@ def greedy_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
                             eos_token_id=eos, pad_token_id=pad, use_cache=True, **DRAFT_DEFAULTS)
 
 
+def fixed_draft_length(config: GenerationConfig, gamma: int) -> GenerationConfig:
+    """The config drafting exactly `gamma` tokens per step (no confidence cut-off, no schedule)."""
+    return GenerationConfig(**{**config.to_dict(), "num_assistant_tokens": gamma,
+                               "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0})
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with rows right-aligned, as decoder-only batched generation needs."""
     width = max(len(r) for r in rows)

@@ -169,3 +169,20 @@ def best_draft_length(alpha: float, cost: float, max_gamma: int = 20) -> tuple[i
     chosen from the measured acceptance and cost, not a constant."""
     best = max(range(max_gamma + 1), key=lambda g: (speedup_bound(alpha, g, cost), -g))
     return best, speedup_bound(alpha, best, cost)
+
+
+def alpha_from_tokens_per_call(tokens_per_call: float, gamma: int) -> float:
+    """Leviathan's per-token acceptance alpha from measured new tokens per target call at a constant
+    draft length gamma: the alpha whose expected (1 - alpha^(gamma+1)) / (1 - alpha) matches (bisection).
+
+    The plain accepted/proposed rate understates alpha (tokens after a rejection count as proposed)."""
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if not 1.0 <= tokens_per_call <= gamma + 1.0:
+        raise ValueError(f"tokens per target call {tokens_per_call} is outside 1..{gamma + 1} for gamma {gamma}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        expected = gamma + 1.0 if mid == 1.0 else (1.0 - mid ** (gamma + 1)) / (1.0 - mid)
+        lo, hi = (mid, hi) if expected < tokens_per_call else (lo, mid)
+    return (lo + hi) / 2

@@ -10,6 +10,8 @@ from tools.report import bar_plot, markdown_table
 
 def _label(row: dict[str, Any]) -> str:
     level = "" if row["level"] is None else f" L{row['level']}"
+    if row["model"] == "private+draft" and row["level"] is None:
+        level = " self"
     return f"{row['model']}{level} b{row['batch_size']}"
 
 
@@ -32,7 +34,8 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "acceptance_rate": a.get("acceptance_rate"), "tokens_per_target_call": a.get("tokens_per_target_call"),
         "draft_level": a["draft_level"], "draft_steps": result["draft_training"].get("steps"),
         "private_params": result["private_params"], "messenger_params": result["messenger_params"],
-        "param_ratio": result["param_ratio"],
+        "param_ratio": result["param_ratio"], "draft_kind": a["draft_kind"], "draft_length": a["draft_length"],
+        "alpha": a["alpha"], "cost": a["cost"], "bound": a["bound"], "best_bound": a["best_bound"],
         "private_tokens_per_s": {str(bs): tps("private", bs) for bs in result["batch_sizes"]},
         "assisted_tokens_per_s": tps("private+draft", 1),
         "messenger_tokens_per_s_b1": {str(lv): tps("messenger", 1, lv) for lv in levels},
@@ -65,9 +68,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         f"{result['threads']}; device `{result['device']}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- private model: {m['private']}, {m['private_params']:,} params; daemon config: `{m['daemon_config']}`",
-        f"- draft: messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft "
-        f"parameter ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"
-        f"{'' if result['param_ratio'] >= result['min_param_ratio'] else ', NOT met'})",
+        f"- draft: {_draft_line(result)}",
         f"- prompts: first {result['prompts']['count']} HumanEval prompts, cut to their last "
         f"{result['prompts']['max_prompt_tokens']} tokens (mean {result['prompts']['mean_prompt_tokens']:.0f}); "
         f"exactly {result['max_new_tokens']} new tokens per prompt, greedy",
@@ -83,6 +84,10 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         f"- acceptance: {a.get('draft_tokens_accepted', '–')} of {a.get('draft_tokens_proposed', '–')} draft "
         f"tokens accepted (rate {_fmt(a.get('acceptance_rate'), '.3f')}); {_fmt(a.get('tokens_per_target_call'))} "
         f"new tokens per private-model forward",
+        f"- cost c = {a['cost']:.3f} (draft alone {_fmt(a['draft_tokens_per_s'], '.1f')} tokens/s at batch 1); "
+        f"per-token acceptance alpha = {_fmt(a['alpha'], '.3f')} at draft length {a['draft_length']}: "
+        f"Leviathan's bound **{_fmt(a['bound'])}** at that length, {_fmt(a['best_bound'])} at the best length",
+        f"- draft length: {_length_line(a['draft_length_choice'])}",
         f"- draft settings: {a['settings']}; tokenizer shared: {a['tokenizer']['shared']} ({a['tokenizer']['note']})",
         "- batch 8: transformers assisted generation supports batch size 1 only, so assisted batch 8 is not measured",
         f"- draft training: {result['draft_training'].get('method')}; steps {result['draft_training'].get('steps')}",
@@ -99,9 +104,32 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
     return "\n".join(lines)
 
 
-def _params(result: dict[str, Any], row: dict[str, Any]) -> int:
+def _draft_line(result: dict[str, Any]) -> str:
+    a, t = result["assisted"], result["draft_training"]
+    if a["draft_kind"] == "self":
+        return (f"the private model's own first {t['layers']} of {t['total_layers']} layers (early exit; own "
+                f"parameters: {t['exit_params']:,}, the {t['exit']} exit)")
+    ok = result["param_ratio"] >= result["min_param_ratio"]
+    return (f"messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft parameter "
+            f"ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"
+            f"{'' if ok else ', NOT met'})")
+
+
+def _length_line(choice: dict[str, Any]) -> str:
+    if choice["alpha"] is None and choice["prompts"] == 0:
+        return "fixed by --draft-length"
+    if choice["alpha"] is None:
+        return "calibration gave no acceptance (token spaces translated): the calibration length"
+    return (f"chosen by acceptance: alpha {choice['alpha']:.3f} and c {choice['cost']:.3f} on {choice['prompts']} "
+            f"calibration prompts give length {choice['length']} (bound {choice['bound']:.2f}"
+            f"{'; 0 = do not draft, measured at 1' if choice['length'] == 0 else ''})")
+
+
+def _params(result: dict[str, Any], row: dict[str, Any]) -> int | None:
     if row["model"] == "private":
         return result["private_params"]
+    if row["level"] is None:  # the self-draft: P's own parameters plus its exit
+        return None
     return result["models"]["messenger_levels"][row["level"]]["params"]
 
 

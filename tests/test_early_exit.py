@@ -32,7 +32,7 @@ def test_the_draft_is_the_private_models_own_prefix_and_head(private):
         assert torch.equal(full(input_ids=ids).logits, private(input_ids=ids).logits)
     layer = early_exit_draft(private, 2, exit="layer")
     assert len(layer.model.layers) == 3 and layer.model.layers[2] is not private.model.layers[2]
-    with pytest.raises(ValueError, match="outside 1..3"):
+    with pytest.raises(ValueError, match="outside 0..3"):
         early_exit_draft(private, 4, exit="layer")
     with pytest.raises(ValueError, match="exit"):
         early_exit_draft(private, 1, exit="bogus")

@@ -26,6 +26,7 @@ if missing_bench_packages():  # before the subcommands import them: one line, no
     sys.exit(2)
 
 from tools.convergence.cli import convergence  # noqa: E402
+from tools.frontier.cli import frontier  # noqa: E402
 from tools.humaneval.cli import humaneval  # noqa: E402
 from tools.poison.cli import poison  # noqa: E402
 from tools.scaling import scaling  # noqa: E402
@@ -86,6 +87,7 @@ main.add_command(scaling)
 main.add_command(throughput)
 main.add_command(humaneval, name="humaneval")
 main.add_command(poison)
+main.add_command(frontier)
 
 if __name__ == "__main__":
     main()

@@ -319,6 +319,38 @@ def bar_plot(path: Path, labels: Sequence[str], values: Sequence[float], ylabel:
     return _save(fig, path)
 
 
+def scatter_plot(path: Path, groups: Mapping[str, Sequence[tuple[float, float, float]]], xlabel: str, ylabel: str,
+                 title: str, colour_label: str, front: Sequence[tuple[float, float]] = (), log_x: bool = False) -> Path:
+    """PNG scatter: one marker shape per named group of (x, y, colour value) points, colour by value
+    (e.g. the round), and `front` (x, y) joined as a step line (a Pareto front)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = "osD^v*Xp"
+    values = [c for pts in groups.values() for _, _, c in pts]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    mappable = None
+    for i, (name, pts) in enumerate(groups.items()):
+        if not pts:
+            continue
+        mappable = ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], c=[c for _, _, c in pts],
+                              cmap="viridis", vmin=lo, vmax=hi, marker=markers[i % len(markers)], s=36,
+                              edgecolors="black", linewidths=0.4, label=name)
+    if front:
+        ordered = sorted(front)
+        ax.step([x for x, _ in ordered], [y for _, y in ordered], where="pre", color="crimson", linewidth=1,
+                alpha=0.7, label="Pareto front")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=ax, label=colour_label)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 # --- the benchmark contract -----------------------------------------------------------------------
 
 

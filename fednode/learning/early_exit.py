@@ -45,8 +45,8 @@ def early_exit_draft(private, layers: int, exit: str = "norm"):
     if exit not in EXITS:
         raise ValueError(f"exit {exit!r} is not one of {', '.join(EXITS)}")
     extra = 1 if exit == "layer" else 0
-    if not 1 <= layers <= total - extra:
-        raise ValueError(f"an early exit after {layers} of {total} layers is outside 1..{total - extra}"
+    if not 0 <= layers <= total - extra:  # 0: embedding -> exit -> head (the shared-prefix family's level 0)
+        raise ValueError(f"an early exit after {layers} of {total} layers is outside 0..{total - extra}"
                          f"{' (exit = layer copies the next one)' if extra else ''}")
     config = copy.deepcopy(private.config)
     config.num_hidden_layers = layers + extra

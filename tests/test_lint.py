@@ -1,6 +1,6 @@
 """Lint and types are part of the test run (so CI runs them with the README's one test command):
 the package, the tools and the tests are `ruff check` clean under the pyproject's rules, and the
-package type-checks with mypy (`mesh`, `security` and `transport` fully annotated)."""
+package type-checks with mypy (`mesh`, `security`, `transport` and `node.tensorstream` fully annotated)."""
 
 from __future__ import annotations
 

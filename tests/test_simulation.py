@@ -126,3 +126,23 @@ def test_adaptive_mesh_negotiates_growth_and_a_low_ceiling_peer_keeps_its_slice(
         merged_low += [r.round for r in journal.rounds() if "n3" in r.merged_from and r.level >= 1]
         journal.close()
     assert merged_low
+
+
+def test_a_membership_timeout_names_what_each_node_sees(tmp_path):
+    """A mesh that never forms fails with each node's view, not just 'timed out' (issue 14)."""
+    import pytest
+
+    from tools.harness.sim import SimHarness
+
+    configs = sim_configs(tmp_path, 2, overrides={"mesh": {"gossip_interval_s": 0.2}, "data": {"max_tokens": 2_000}},
+                          seeds=0, code_bytes=10_000)
+
+    async def main() -> None:
+        async with SimHarness(configs) as h:
+            h.partition([h.names[0]], [h.names[1]])
+            h.start()
+            await h.wait_started()
+            with pytest.raises(TimeoutError, match=f"{h.names[0]} sees nobody; {h.names[1]} sees nobody"):
+                await h.wait_members(timeout=1.0)
+
+    asyncio.run(main())

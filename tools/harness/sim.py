@@ -120,7 +120,9 @@ class SimHarness:
         for name in names or self.names:
             self.network.latency_s[self.configs[name].advertise] = ms / 1000
 
-    async def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+    async def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float,
+                         detail: Callable[[], str] | None = None) -> None:
+        """Poll predicate; on timeout the error says what each node saw (`detail`), not just that it timed out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not predicate():
@@ -128,21 +130,37 @@ class SimHarness:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise RuntimeError(f"{name} failed while waiting for {what}: {task.exception()!r}")
             if loop.time() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+                seen = f": {detail()}" if detail is not None else ""
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{seen}")
             await asyncio.sleep(0.05)
 
     async def wait_started(self, timeout: float = 300.0) -> None:
         await self.wait_until("start-up", lambda: all(self.ctx(n) is not None for n in self.live()), timeout)
 
+    def membership_views(self) -> str:
+        """Each live node's view of the mesh, e.g. 'n0 sees n1; n1 sees nobody; n2 not started'."""
+        views = []
+        for n in self.live():
+            c = self.ctx(n)
+            if c is None:
+                views.append(f"{n} not started")
+                continue
+            alive = sorted(m.node_id for m in c.membership.alive())
+            views.append(f"{n} sees {', '.join(alive) or 'nobody'}")
+        return "; ".join(views)
+
     async def wait_members(self, timeout: float = 120.0) -> None:
         live = self.live()
         await self.wait_until("membership", lambda: all(
-            (c := self.ctx(n)) is not None and len(c.membership.alive()) >= len(live) - 1 for n in live), timeout)
+            (c := self.ctx(n)) is not None and len(c.membership.alive()) >= len(live) - 1 for n in live), timeout,
+            detail=self.membership_views)
 
     async def wait_round(self, round_: int, timeout: float) -> None:
         self.progress(f"waiting for round {round_} on {len(self.live())} nodes")
         await self.wait_until(f"round {round_}", lambda: all(
-            (c := self.ctx(n)) is not None and c.committed_round >= round_ for n in self.live()), timeout)
+            (c := self.ctx(n)) is not None and c.committed_round >= round_ for n in self.live()), timeout,
+            detail=lambda: ", ".join(f"{n} at round {c.committed_round if (c := self.ctx(n)) else '-'}"
+                                     for n in self.live()))
 
     def rounds(self, name: str):
         return read_rounds(self.configs[name].node.data_dir)

@@ -119,7 +119,8 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
         run = time_plain(pair.private, prompts, bs, config, progress=say)
         rows.append(_gen_row("private", None, run, len(prompts)))
         plain_b1 = run if bs == 1 else plain_b1
-    for lv in range(pair.ladder.top + 1):
+    ladder = range(pair.ladder.top + 1) if level is not None else ()  # a self-draft run times P and its own exit
+    for lv in ladder:
         model = draft if lv == level else pair.messenger(lv).to(opts.device)
         for bs in opts.batch_sizes:
             say(f"messenger level {lv}, batch {bs}")

@@ -147,6 +147,7 @@ def agreement(draft, private, batches: list[torch.Tensor]) -> tuple[float, float
 def train_exit(draft, private, batches, heldout: list[torch.Tensor], *, lr: float = 1e-3,
                temperature: float = 1.0, progress: Callable[[str], None] | None = None) -> ExitTraining:
     """Fit the exit toward P on `batches` (token-id tensors); P and the shared layers stay frozen."""
+    batches = list(batches)
     params = exit_parameters(draft, private)
     if not params:
         raise ValueError("the draft has no parameters of its own to train")
@@ -171,7 +172,8 @@ def train_exit(draft, private, batches, heldout: list[torch.Tensor], *, lr: floa
             steps += 1
             tokens += batch.numel()
             if progress is not None and steps % 10 == 0:
-                progress(f"exit training: step {steps}, KL to P {loss.item():.3f}")
+                progress(f"exit training: step {steps}/{len(batches)}, KL to P {loss.item() / batch.shape[-1]:.3f} "
+                         "nats/token")
     finally:
         for p in shared:
             p.requires_grad_(True)

@@ -15,7 +15,7 @@ import torch
 
 from fednode.errors import StoreError
 from fednode.store import atomic
-from fednode.store.atomic import fsync_dir, sha256_file, write_atomic
+from fednode.store.atomic import create_atomic, fsync_dir, sha256_file, write_atomic
 from fednode.store.checkpoint import (
     latest_good_round,
     load_checkpoint,
@@ -113,6 +113,44 @@ def test_write_atomic_os_errors_become_store_errors(
 def test_write_atomic_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="missing"):
         write_atomic(tmp_path / "nope" / "blob.bin", b"x")
+
+
+def test_create_atomic_sets_the_exact_mode_and_never_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "payload.key"
+    old_umask = os.umask(0o077)  # the mode is exact whatever the umask
+    try:
+        assert create_atomic(target, b"first", mode=0o640)
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o640
+    assert not create_atomic(target, b"second", mode=0o600)  # exists: left alone
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["payload.key"]
+
+
+def test_create_atomic_concurrent_creators_one_wins(tmp_path: Path) -> None:
+    target = tmp_path / "once.bin"
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def create(i: int) -> None:
+        barrier.wait()
+        results[i] = create_atomic(target, f"writer {i}".encode(), mode=0o600)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, created in results.items() if created]
+    assert len(winners) == 1 and target.read_bytes() == f"writer {winners[0]}".encode()
+    assert [p.name for p in tmp_path.iterdir()] == ["once.bin"]
+
+
+def test_create_atomic_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="missing") as info:
+        create_atomic(tmp_path / "nope" / "blob.bin", b"x")
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # callers can name the OS reason
 
 
 def test_sha256_file_missing(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Crash-safe file replacement: write a temp file, fsync it, rename it over the target, fsync the dir.
 
 A reader (or a restarted daemon) therefore sees either the old file or the complete new one, never
-a torn write, and once `write_atomic` returns the new file survives power loss.
+a torn write, and once `write_atomic` returns the new file survives power loss. `create_atomic` is
+the same for a file that must never be replaced once it exists (first writer wins).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -108,6 +110,44 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview], mode: i
         raise os_error_to_store(err, path.parent, "fsync directory") from err
     _crash_point("atomic.dir_fsynced")
     return digest.hexdigest()
+
+
+def create_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Create `path` holding `data` (exactly `mode`) unless it exists; True if this call created it.
+
+    Never replaces: of concurrent creators (threads or processes) exactly one wins and the others
+    get False, the winner's file untouched. The data is written and fsynced under a temp name unique
+    to this call, then hard-linked into place, so no reader ever sees a partial file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    stage = "write"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)  # exact mode regardless of umask
+            _write_all(fd, data)
+            stage = "fsync"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        stage = "link into place"
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    except OSError as err:
+        raise os_error_to_store(err, path, stage) from err
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    try:
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise os_error_to_store(err, path.parent, "fsync directory") from err
+    return True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

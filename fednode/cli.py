@@ -69,7 +69,7 @@ def ca() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing CA (invalidates every node certificate).")
 def ca_init(directory: Path, name: str, days: int, force: bool) -> None:
     """Create a mesh CA. Keep ca.key offline; give ca.crt to every site."""
-    from fednode.security.pki import init_ca
+    from fednode.security.ca import init_ca
 
     files = init_ca(directory, name=name, days=days, force=force)
     click.echo(f"created CA {files.cert_path} (key {files.key_path}, mode 0600)")
@@ -83,7 +83,7 @@ def ca_init(directory: Path, name: str, days: int, force: bool) -> None:
 @click.option("--days", default=365, show_default=True, type=click.IntRange(1), help="Validity in days.")
 def ca_issue(directory: Path, name: str, addr: str, days: int) -> None:
     """Issue (or re-issue) the key and certificate of node NAME."""
-    from fednode.security.pki import issue_node
+    from fednode.security.ca import issue_node
 
     addresses = [a.strip() for a in addr.split(",") if a.strip()]
     files = issue_node(directory, name, addresses, days=days)

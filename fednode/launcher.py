@@ -95,7 +95,7 @@ class LocalMesh:
                overrides: dict[str, dict[str, Any]] | None = None, seed: int = 0) -> LocalMesh:
         """Make the CA, one certificate, config and non-IID code partition per node."""
         from fednode.learning.data import stdlib_partitions, write_partition
-        from fednode.security.pki import init_ca, issue_node
+        from fednode.security.ca import init_ca, issue_node
 
         workdir = workdir.resolve()
         pki = workdir / "pki"

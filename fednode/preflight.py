@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fednode.config import Config
 from fednode.errors import ExitCode, FednodeError
-from fednode.security.pki import CERT_PARSE_ERRORS, EXPIRY_WARN_DAYS
+from fednode.security.certificates import CERT_PARSE_ERRORS
+from fednode.security.identity import EXPIRY_WARN_DAYS
 
 
 class Level(enum.StrEnum):
@@ -43,7 +44,7 @@ def exit_code(findings: list[Finding]) -> ExitCode:
 
 
 def check_tls(cfg: Config, now: dt.datetime | None = None) -> Finding:
-    from fednode.security.pki import load_identity
+    from fednode.security.identity import load_identity
 
     try:
         identity = load_identity(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)

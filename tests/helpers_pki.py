@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fednode.security import pki
+from fednode.security.ca import init_ca, issue_node
+from fednode.security.identity import NodeIdentity, load_identity
 
 LOOPBACK = ["127.0.0.1", "localhost"]
 
 
 def make_ca(directory: Path, name: str = "test mesh CA") -> Path:
-    pki.init_ca(directory, name=name)
+    init_ca(directory, name=name)
     return directory
 
 
-def make_identity(ca_dir: Path, name: str, addresses: list[str] | None = None) -> pki.NodeIdentity:
-    files = pki.issue_node(ca_dir, name, addresses or LOOPBACK)
-    return pki.load_identity(files.cert_path, files.key_path, files.ca_path)
+def make_identity(ca_dir: Path, name: str, addresses: list[str] | None = None) -> NodeIdentity:
+    files = issue_node(ca_dir, name, addresses or LOOPBACK)
+    return load_identity(files.cert_path, files.key_path, files.ca_path)
 
 
-def make_mesh(directory: Path, names: tuple[str, ...] = ("n1", "n2")) -> dict[str, pki.NodeIdentity]:
+def make_mesh(directory: Path, names: tuple[str, ...] = ("n1", "n2")) -> dict[str, NodeIdentity]:
     make_ca(directory)
     return {name: make_identity(directory, name) for name in names}
 

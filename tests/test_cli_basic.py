@@ -11,7 +11,7 @@ from cryptography import x509
 from fednode.cli import main
 from fednode.config import load_config
 from fednode.errors import ExitCode
-from fednode.security import pki
+from fednode.security.identity import load_identity
 
 
 def invoke(*args: str) -> Result:
@@ -104,7 +104,7 @@ def test_ca_init_and_issue_create_keys_with_mode_0600(tmp_path):
     assert result.exit_code == 0, result.output
     assert "127.0.0.1, site-a.example" in result.stdout
     assert _mode(ca_dir / "site-a.key") == 0o600
-    identity = pki.load_identity(ca_dir / "site-a.crt", ca_dir / "site-a.key", ca_dir / "ca.crt")
+    identity = load_identity(ca_dir / "site-a.crt", ca_dir / "site-a.key", ca_dir / "ca.crt")
     assert identity.node_id == "site-a"
     san = identity.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "site-a.example" in san.get_values_for_type(x509.DNSName)

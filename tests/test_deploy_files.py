@@ -216,7 +216,7 @@ def _run_healthcheck(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("status", "code"), [("SERVING", 0), ("NOT_SERVING", 1)])
 def test_healthcheck_reports_the_nodes_grpc_health(node_files, status, code):
-    from fednode.security.pki import load_identity
+    from fednode.security.identity import load_identity
 
     pki = node_files["pki"]
     identity = load_identity(pki / "site-a.crt", pki / "site-a.key", pki / "ca.crt")
@@ -235,7 +235,7 @@ def test_healthcheck_reports_the_nodes_grpc_health(node_files, status, code):
 
 def test_healthcheck_refuses_a_server_with_another_identity(node_files):
     """The check pins the node's own name: another mesh member answering on the port is unhealthy."""
-    from fednode.security.pki import load_identity
+    from fednode.security.identity import load_identity
 
     pki = node_files["pki"]
     other = load_identity(pki / "site-b.crt", pki / "site-b.key", pki / "ca.crt")

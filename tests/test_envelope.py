@@ -11,9 +11,9 @@ import pytest
 from helpers_pki import make_mesh
 
 from fednode.errors import PkiError, ProtocolError, Reason
-from fednode.security import pki
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
 from fednode.security.hello import check_compatible, sign_hello, verify_hello
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2
 
 CHUNK = 1024
@@ -24,7 +24,7 @@ def mesh(tmp_path_factory):
     root = tmp_path_factory.mktemp("mesh")
     nodes = make_mesh(root, ("alice", "bob", "carol"))
     foreign = make_mesh(tmp_path_factory.mktemp("foreign"), ("alice",))["alice"]
-    return {**nodes, "foreign": foreign, "trust": pki.TrustStore(nodes["alice"].ca_pem),
+    return {**nodes, "foreign": foreign, "trust": TrustStore(nodes["alice"].ca_pem),
             "bob_key": PayloadKey.generate()}
 
 

@@ -29,8 +29,8 @@ from fednode.node.negotiator import agreement_from_pb, proposal_from_pb
 from fednode.node.tensorstream import decode, encode
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
 from fednode.security.hello import check_compatible, verify_hello
-from fednode.security.pki import TrustStore
 from fednode.security.signed import DIRECTIONS, verify_negotiation
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2 as pb
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -30,10 +30,11 @@ from fednode.learning.messenger import LADDERS, level_shapes
 from fednode.node.exchange import Recipient
 from fednode.node.peer_service import MAX_PUSHES_PER_CALLER
 from fednode.node.tensorstream import encode
-from fednode.security import pki
+from fednode.security.ca import _issue_node, issue_node
 from fednode.security.envelope import EnvelopeSealer
 from fednode.security.hello import verify_hello
-from fednode.security.pki import TrustStore, issue_node, load_identity
+from fednode.security.identity import load_identity
+from fednode.security.trust import TrustStore
 from fednode.transport.base import REASON_METADATA_KEY, PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.v1 import peer_pb2 as pb
@@ -178,7 +179,7 @@ def test_a_tls_client_without_a_certificate_is_refused_and_others_are_served(nod
 
 
 def _mesh_signed_certificate(node: Node, name: str, not_before: dt.datetime, not_after: dt.datetime):
-    files = pki._issue_node(node.pki, name, ["127.0.0.1"], not_before=not_before, not_after=not_after)
+    files = _issue_node(node.pki, name, ["127.0.0.1"], not_before=not_before, not_after=not_after)
     return files.key_path.read_bytes(), files.cert_path.read_bytes(), files.ca_path.read_bytes()
 
 

@@ -21,8 +21,8 @@ from fednode.node import catchup
 from fednode.security import bounds
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
 from fednode.security.hello import sign_hello
-from fednode.security.pki import TrustStore
 from fednode.security.signed import verify_negotiation
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2 as pb
 
 HUGE = 2**63

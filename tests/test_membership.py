@@ -13,8 +13,9 @@ from fednode.errors import Reason
 from fednode.mesh.membership import Liveness, Membership, liveness
 from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello
-from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.identity import NodeIdentity
 from fednode.security.signed import sign_farewell
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2 as pb
 
 SUSPECT, DEAD = 6.0, 20.0

@@ -25,9 +25,11 @@ from fednode.node.exchange import Recipient
 from fednode.node.tensorstream import encode
 from fednode.operator_client import fetch_peers
 from fednode.security import tls
+from fednode.security.ca import issue_node
 from fednode.security.envelope import EnvelopeSealer
 from fednode.security.hello import verify_hello
-from fednode.security.pki import TrustStore, issue_node, load_identity
+from fednode.security.identity import load_identity
+from fednode.security.trust import TrustStore
 from fednode.store.checkpoint import load_checkpoint, shared_name
 from fednode.transport.base import PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport

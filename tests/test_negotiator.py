@@ -16,7 +16,7 @@ from fednode.node.negotiator import Negotiator, proposal_to_pb
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.hello import sign_hello
-from fednode.security.pki import TrustStore
+from fednode.security.trust import TrustStore
 from fednode.store.journal import Journal
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
 from fednode.v1 import peer_pb2 as pb

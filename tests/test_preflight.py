@@ -14,12 +14,12 @@ from fednode.config import load_config, to_toml
 from fednode.errors import ExitCode
 from fednode.learning.data import stdlib_partitions, write_partition
 from fednode.preflight import Level, check_port, check_tls, exit_code, run_checks
-from fednode.security import pki
+from fednode.security.ca import init_ca, issue_node
 
 
 def _site(root: Path, *, cert_for: str = "site-a", **sections) -> Path:
-    pki.init_ca(root / "pki")
-    files = pki.issue_node(root / "pki", cert_for, ["127.0.0.1"])
+    init_ca(root / "pki")
+    files = issue_node(root / "pki", cert_for, ["127.0.0.1"])
     code = root / "code"
     if not code.exists():
         write_partition(stdlib_partitions(2)[0], code, max_bytes=5_000)

@@ -25,7 +25,7 @@ from fednode.node.peer_service import (
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.hello import sign_hello
-from fednode.security.pki import TrustStore
+from fednode.security.trust import TrustStore
 from fednode.store.journal import Journal
 from fednode.transport.base import Caller
 from fednode.transport.memory import MemoryNetwork, MemoryTransport

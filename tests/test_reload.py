@@ -24,7 +24,8 @@ from fednode.config import load_config, to_toml
 from fednode.launcher import LocalMesh
 from fednode.node.daemon import Daemon, expiry_warning, split_reload
 from fednode.operator_client import fetch_peers
-from fednode.security import pki
+from fednode.security.ca import _issue_node, init_ca, issue_node
+from fednode.security.identity import load_identity
 from fednode.security.revocation import CRL_FILE, revoke_certificate
 from fednode.store.journal import Journal
 
@@ -82,9 +83,9 @@ def test_split_reload_applies_live_keys_and_lists_the_rest(tmp_path):
 
 
 def test_expiry_warning_starts_30_days_ahead(tmp_path):
-    pki.init_ca(tmp_path)
-    files = pki.issue_node(tmp_path, "n1", ["127.0.0.1"], days=365)
-    identity = pki.load_identity(files.cert_path, files.key_path, files.ca_path)
+    init_ca(tmp_path)
+    files = issue_node(tmp_path, "n1", ["127.0.0.1"], days=365)
+    identity = load_identity(files.cert_path, files.key_path, files.ca_path)
     assert expiry_warning(identity) is None
     soon = identity.not_after - dt.timedelta(days=10)
     warning = expiry_warning(identity, now=soon)
@@ -121,7 +122,7 @@ def test_reload_in_process(tmp_path, caplog):
             assert await asyncio.to_thread(served_serial, address, pki_dir, "node-0") == old.certificate.serial_number
 
             # 1. a re-issued certificate: served to new handshakes, hello re-signed, expiry follows
-            pki.issue_node(pki_dir, "node-0", ["127.0.0.1", "localhost"], days=30)
+            issue_node(pki_dir, "node-0", ["127.0.0.1", "localhost"], days=30)
             new_serial = serial_of(pki_dir / "node-0.crt")
             assert await daemon.reload()
             assert ctx.identity.certificate.serial_number == new_serial
@@ -160,8 +161,8 @@ def test_reload_in_process(tmp_path, caplog):
             kept = ctx.identity
             backup = {p: p.read_bytes() for p in (pki_dir / "node-0.crt", pki_dir / "node-0.key")}
             now = dt.datetime.now(dt.UTC)
-            pki._issue_node(pki_dir, "node-0", ["127.0.0.1"], not_before=now - dt.timedelta(days=10),
-                            not_after=now - dt.timedelta(days=1))
+            _issue_node(pki_dir, "node-0", ["127.0.0.1"], not_before=now - dt.timedelta(days=10),
+                        not_after=now - dt.timedelta(days=1))
             caplog.clear()
             await daemon.reload()
             assert ctx.identity is kept
@@ -171,7 +172,7 @@ def test_reload_in_process(tmp_path, caplog):
                 p.write_bytes(data)
 
             # 5. a revocation list in [tls] crl: adopted and kept; one that revokes this node is refused
-            pki.issue_node(pki_dir, "other", ["127.0.0.1"])
+            issue_node(pki_dir, "other", ["127.0.0.1"])
             revoke_certificate(pki_dir, "other")
             rewrite(node.config_path, "tls", crl=str(pki_dir / CRL_FILE))
             assert await daemon.reload()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from fednode.errors import ConfigError, ExitCode, PkiError, ProtocolError, Reaso
 from fednode.launcher import LocalMesh, free_ports
 from fednode.mesh.membership import Membership
 from fednode.operator_client import fetch_peers
-from fednode.security import pki
+from fednode.security.ca import init_ca, issue_node
 from fednode.security.hello import sign_hello
 from fednode.security.revocation import (
     CRL_FILE,
@@ -33,6 +34,7 @@ from fednode.security.revocation import (
     revoke_certificate,
     verify_revocation_list,
 )
+from fednode.security.trust import TrustStore
 from fednode.store.journal import Journal
 from fednode.v1 import peer_pb2 as pb
 
@@ -50,6 +52,7 @@ def test_revoke_writes_a_signed_crl_and_each_revocation_bumps_its_number(tmp_pat
     assert (first.path, first.number, first.count, first.already) == (ca / CRL_FILE, 1, 1, False)
     assert first.serial == n1.certificate.serial_number
     assert (ca / CRL_FILE).read_bytes().startswith(b"-----BEGIN X509 CRL-----")
+    assert stat.S_IMODE(os.stat(ca / CRL_FILE).st_mode) == 0o644
     listed = load_revocation_list(ca / CRL_FILE, _cas(ca))
     assert listed.number == 1 and listed.revokes(n1.certificate.serial_number)
     assert not listed.revokes(n2.certificate.serial_number)
@@ -133,14 +136,14 @@ def test_trust_store_adopts_only_newer_lists_and_refuses_forged_ones_once(tmp_pa
     for name in ("n1", "n2", "n3"):
         make_identity(ca, name)
     first, second = _snapshots(ca, "n1", "n2")
-    trust = pki.TrustStore((ca / "ca.crt").read_bytes())
+    trust = TrustStore((ca / "ca.crt").read_bytes())
     assert trust.consider_revocation_list(first).number == 1
     assert trust.consider_revocation_list(first) is None  # the same list again
     assert trust.consider_revocation_list(second).number == 2
     assert trust.consider_revocation_list(first) is None  # older: ignored
     assert trust.revocation.number == 2
     # order does not matter: every node converges on the newest
-    late = pki.TrustStore((ca / "ca.crt").read_bytes())
+    late = TrustStore((ca / "ca.crt").read_bytes())
     assert late.consider_revocation_list(second).number == 2 and late.consider_revocation_list(first) is None
     assert late.revocation.der == trust.revocation.der
 
@@ -156,7 +159,7 @@ def test_trust_store_adopts_only_newer_lists_and_refuses_forged_ones_once(tmp_pa
 def test_revoked_certificate_is_refused_for_certificates_and_signatures(tmp_path):
     ca = make_ca(tmp_path)
     bad, good = make_identity(ca, "n1"), make_identity(ca, "n2")
-    trust = pki.TrustStore(bad.ca_pem)
+    trust = TrustStore(bad.ca_pem)
     assert trust.verify_certificate(bad.cert_der) == "n1"  # cached as valid before the revocation
     trust.consider_revocation_list(_snapshots(ca, "n1")[0])
     with pytest.raises(RevokedCertificate) as err:
@@ -172,7 +175,7 @@ def test_revoked_certificate_is_refused_for_certificates_and_signatures(tmp_path
 def test_a_new_ca_drops_a_list_it_did_not_sign(tmp_path):
     ca, new_ca = make_ca(tmp_path / "ca"), make_ca(tmp_path / "new", name="new mesh CA")
     make_identity(ca, "n1")
-    trust = pki.TrustStore((ca / "ca.crt").read_bytes())
+    trust = TrustStore((ca / "ca.crt").read_bytes())
     trust.consider_revocation_list(_snapshots(ca, "n1")[0])
     bundle = (ca / "ca.crt").read_bytes() + (new_ca / "ca.crt").read_bytes()
     assert trust.set_ca_pem(bundle) and trust.revocation is not None  # rotation bundle: still signed by a CA
@@ -193,7 +196,7 @@ def test_membership_drops_revoked_peers_refuses_their_records_and_gossips_the_li
         return body, sign_hello(ids[name], body)
 
     body, hello = hello_of("n1")
-    view = Membership(hello, body, pki.TrustStore(ids["n1"].ca_pem), suspect_after=6, dead_after=20)
+    view = Membership(hello, body, TrustStore(ids["n1"].ca_pem), suspect_after=6, dead_after=20)
     records = [pb.PeerRecord(hello=hello_of(n)[1], heartbeat=3) for n in ("n2", "n3")]
     view.merge(pb.Digest(sender_id="n2", records=records))
     assert set(view.members) == {"n2", "n3"} and view.digest().revocation_list == b""
@@ -242,8 +245,8 @@ def test_cli_ca_revoke(tmp_path):
 
 def test_a_node_refuses_to_start_under_a_revoked_certificate_and_leaves_its_data_dir_alone(tmp_path):
     pki_dir = tmp_path / "pki"
-    pki.init_ca(pki_dir)
-    pki.issue_node(pki_dir, "site-a", ["127.0.0.1"])
+    init_ca(pki_dir)
+    issue_node(pki_dir, "site-a", ["127.0.0.1"])
     revoke_certificate(pki_dir, "site-a")
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "a.py").write_text("print(1)\n")
@@ -357,7 +360,7 @@ def test_the_revoked_node_cannot_restart_and_a_reissued_one_rejoins(mesh):
     assert [(r.round, r.checkpoint_sha256) for r in journal.rounds()] == rounds_before
     journal.close()
 
-    pki.issue_node(mesh.workdir / "pki", "node-2", ["127.0.0.1", "localhost"])  # a new certificate (new serial)
+    issue_node(mesh.workdir / "pki", "node-2", ["127.0.0.1", "localhost"])  # a new certificate (new serial)
     mesh.start("node-2")
     mesh.wait("node-2", lambda s: s["peers_alive"] == 2, START_TIMEOUT)
     for name in ("node-0", "node-1"):

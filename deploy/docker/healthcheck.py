@@ -38,7 +38,7 @@ def check(config_path: Path, address: str | None, timeout: float) -> tuple[bool,
     from fednode.config import load_config
     from fednode.errors import FednodeError
     from fednode.security import tls
-    from fednode.security.pki import load_identity
+    from fednode.security.identity import load_identity
 
     try:
         cfg = load_config(config_path)

@@ -25,8 +25,8 @@ from fednode.errors import ProtocolError, Reason
 from fednode.security import bounds
 from fednode.security.heartbeat import HeartbeatChain, proves
 from fednode.security.hello import check_compatible, verify_hello
-from fednode.security.pki import TrustStore
 from fednode.security.signed import verify_farewell, verify_negotiation
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)

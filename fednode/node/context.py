@@ -16,8 +16,9 @@ from fednode.node.exchange import Recipient
 from fednode.node.inbox import Inbox
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
-from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.identity import NodeIdentity
 from fednode.security.revocation import CRL_FILE, RevocationList, serial_hex
+from fednode.security.trust import TrustStore
 from fednode.store.atomic import write_atomic
 from fednode.store.journal import Journal
 from fednode.transport.base import Transport

@@ -38,7 +38,7 @@ from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello
-from fednode.security.pki import EXPIRY_WARN_DAYS, NodeIdentity, TrustStore, load_identity
+from fednode.security.identity import EXPIRY_WARN_DAYS, NodeIdentity, load_identity
 from fednode.security.revocation import (
     CRL_FILE,
     RevocationList,
@@ -46,6 +46,7 @@ from fednode.security.revocation import (
     serial_hex,
     verify_revocation_list,
 )
+from fednode.security.trust import TrustStore
 from fednode.store.atomic import write_atomic
 from fednode.store.checkpoint import latest_good_round
 from fednode.store.journal import Journal

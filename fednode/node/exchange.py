@@ -20,7 +20,8 @@ from fednode.errors import ProtocolError, Reason
 from fednode.learning.compress import decompress
 from fednode.node.tensorstream import decode, encode
 from fednode.security.envelope import EnvelopeOpener, EnvelopeSealer, PayloadKey
-from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.identity import NodeIdentity
+from fednode.security.trust import TrustStore
 from fednode.store.atomic import sha256_file
 from fednode.transport.base import PeerCallError, Transport
 from fednode.v1 import peer_pb2 as pb

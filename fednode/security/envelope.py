@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import struct
 import time
 from pathlib import Path
@@ -24,9 +23,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from google.protobuf.message import DecodeError
 
-from fednode.errors import PkiError, ProtocolError, Reason
+from fednode.errors import PkiError, ProtocolError, Reason, StoreError
 from fednode.security import bounds
-from fednode.security.pki import NodeIdentity, TrustStore, _fsync_dir
+from fednode.security.identity import NodeIdentity
+from fednode.security.trust import TrustStore
+from fednode.store.atomic import create_atomic
 from fednode.v1 import peer_pb2
 
 log = logging.getLogger(__name__)
@@ -64,22 +65,15 @@ class PayloadKey:
         key = X25519PrivateKey.generate()
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)  # fails if someone else created it meanwhile: then use theirs
-            _fsync_dir(path.parent)
-        except FileExistsError:
-            return cls._load(path)
-        except OSError as e:
-            raise PkiError(f"cannot create payload key {path} ({e.strerror}): make its directory exist "
+            created = create_atomic(path, raw, 0o600)
+        except StoreError as e:
+            cause = e.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) else str(e)
+            raise PkiError(f"cannot create payload key {path} ({reason}): make its directory exist "
                            "and be writable by the fednode user") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not created:  # someone else created it meanwhile: use theirs
+            return cls._load(path)
         return cls(key)
 
     @classmethod

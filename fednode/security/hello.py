@@ -11,7 +11,8 @@ from google.protobuf.message import DecodeError
 from fednode.errors import PkiError, ProtocolError, Reason
 from fednode.security import bounds
 from fednode.security.heartbeat import PROOF_BYTES
-from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.identity import NodeIdentity
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2
 
 PAYLOAD_KEY_BYTES = 32

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fednode.errors import PkiError, ProtocolError, Reason
-from fednode.security import pki
+from fednode.security.ca import load_ca
+from fednode.security.certificates import CERT_PARSE_ERRORS, validate_node_name
+from fednode.security.pem_files import read_file, write_public_pem
 
 CRL_FILE = "revoked.crl"
 REASONS = {
@@ -83,7 +85,7 @@ def verify_revocation_list(data: bytes, cas: list[x509.Certificate]) -> Revocati
     """Parse a CRL (PEM or DER) and check it was signed by one of `cas`; refuses with a typed reason."""
     try:
         return _verify(_parse(data), cas)
-    except pki.CERT_PARSE_ERRORS:
+    except CERT_PARSE_ERRORS:
         raise ProtocolError(Reason.MALFORMED, "revocation list is not an X.509 CRL: it must come from "
                                               "`fednode ca revoke`") from None
 
@@ -117,7 +119,7 @@ def _verify(crl: x509.CertificateRevocationList, cas: list[x509.Certificate]) ->
 def load_revocation_list(path: Path, cas: list[x509.Certificate], *, what: str = "revocation list") -> RevocationList:
     """Read and verify a CRL file; every failure is a one-line PkiError naming the file and the fix."""
     fix = "copy revoked.crl from the mesh CA directory again (`fednode ca revoke` writes it)"
-    data = pki._read(Path(path), what, fix)
+    data = read_file(Path(path), what, fix)
     try:
         return verify_revocation_list(data, cas)
     except ProtocolError as exc:
@@ -130,7 +132,7 @@ def certificate_serial(cert_pem_or_der: bytes) -> int:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data).serial_number
         return x509.load_der_x509_certificate(data).serial_number
-    except pki.CERT_PARSE_ERRORS:
+    except CERT_PARSE_ERRORS:
         raise PkiError("not a PEM or DER X.509 certificate: pass the node's .crt file") from None
 
 
@@ -158,13 +160,13 @@ def revoke_certificate(directory: Path, name: str | None = None, *, serial: int 
     directory = Path(directory)
     if reason not in REASONS:
         raise PkiError(f"unknown revocation reason {reason!r}: use one of {', '.join(REASONS)}")
-    ca_key, ca_cert = pki._load_ca(directory)
+    ca_key, ca_cert = load_ca(directory)
     if serial is None:
         if name is None:
             raise PkiError("say which certificate to revoke: pass a node NAME or --serial HEX")
-        pki.validate_node_name(name)
+        validate_node_name(name)
         cert_path = directory / f"{name}.crt"
-        cert_pem = pki._read(cert_path, "node certificate",
+        cert_pem = read_file(cert_path, "node certificate",
                              f"pass --serial HEX to revoke a certificate that is no longer in {directory}")
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
@@ -206,5 +208,5 @@ def revoke_certificate(directory: Path, name: str | None = None, *, serial: int 
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())
-    pki._atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_public_pem(path, crl.public_bytes(serialization.Encoding.PEM))
     return Revoked(path, name, serial, number + 1, len(entries), already=False)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fednode.errors import ProtocolError, Reason
 from fednode.security import bounds
-from fednode.security.pki import NodeIdentity, TrustStore
+from fednode.security.identity import NodeIdentity
+from fednode.security.trust import TrustStore
 from fednode.v1 import peer_pb2 as pb
 
 DIRECTIONS = ("", "grow", "shrink")  # fednode.mesh.negotiation.Direction; empty means grow

@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fednode.errors import PkiError
-from fednode.security.pki import CERT_PARSE_ERRORS, NodeIdentity, common_name
+from fednode.security.certificates import CERT_PARSE_ERRORS, common_name
+from fednode.security.identity import NodeIdentity
 
 KEEPALIVE_TIME_MS = 30_000  # ping an idle connection every 30 s so dead peers are noticed
 KEEPALIVE_TIMEOUT_MS = 10_000

@@ -16,7 +16,7 @@ from fednode.errors import FednodeError, Reason, reason_name
 from fednode.v1 import peer_pb2 as pb
 
 if TYPE_CHECKING:
-    from fednode.security.pki import NodeIdentity
+    from fednode.security.identity import NodeIdentity
 
 REASON_METADATA_KEY = "fednode-reason"
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fednode.errors import ConfigError
-from fednode.security.pki import NodeIdentity
+from fednode.security.identity import NodeIdentity
 from fednode.store import atomic
 from fednode.transport.base import PeerCallError, PeerHandler, Transport
 from fednode.v1 import peer_pb2 as pb

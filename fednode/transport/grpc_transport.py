@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fednode.errors import NetworkError, ProtocolError, Reason
 from fednode.security import tls
-from fednode.security.pki import NodeIdentity
+from fednode.security.identity import NodeIdentity
 from fednode.transport.base import (
     REASON_METADATA_KEY,
     Caller,

@@ -147,7 +147,8 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
     from fednode.security.envelope import PayloadKey
     from fednode.security.heartbeat import HeartbeatChain
     from fednode.security.hello import sign_hello
-    from fednode.security.pki import TrustStore, load_identity
+    from fednode.security.identity import load_identity
+    from fednode.security.trust import TrustStore
     from fednode.store.journal import Journal
     from fednode.transport.grpc_transport import GrpcTransport
     from fednode.v1 import peer_pb2 as pb

@@ -33,7 +33,8 @@ from tools.bench_transport.sender import Results, run_sender
 
 def run(opts: Options) -> dict[str, Any]:
     """Run the whole benchmark; every process and directory it makes is gone when it returns or raises."""
-    from fednode.security import pki
+    from fednode.security.ca import init_ca, issue_node
+    from fednode.security.identity import load_identity
 
     if opts.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {opts.repeats}")
@@ -45,11 +46,11 @@ def run(opts: Options) -> dict[str, Any]:
     receivers: list[ReceiverProcess] = []
     try:
         progress(f"mesh CA and node certificates in {workdir}")
-        pki.init_ca(workdir / "ca", name="fednode bench CA")
+        init_ca(workdir / "ca", name="fednode bench CA")
         loopback = ["127.0.0.1", "localhost"]
-        rx_files = pki.issue_node(workdir / "ca", RECEIVER_NAME, loopback)
-        tx_files = pki.issue_node(workdir / "ca", SENDER_NAME, loopback)
-        identity = pki.load_identity(tx_files.cert_path, tx_files.key_path, tx_files.ca_path)
+        rx_files = issue_node(workdir / "ca", RECEIVER_NAME, loopback)
+        tx_files = issue_node(workdir / "ca", SENDER_NAME, loopback)
+        identity = load_identity(tx_files.cert_path, tx_files.key_path, tx_files.ca_path)
         if opts.profile_dir is not None:
             opts.profile_dir.mkdir(parents=True, exist_ok=True)
 

@@ -109,7 +109,7 @@ async def run_sender(opts: Options, identity: Any, tensors: dict[str, Any], mtls
     from fednode.security.envelope import PayloadKey
     from fednode.security.heartbeat import HeartbeatChain
     from fednode.security.hello import check_compatible, sign_hello, verify_hello
-    from fednode.security.pki import TrustStore
+    from fednode.security.trust import TrustStore
     from fednode.transport.grpc_transport import MAX_MESSAGE, GrpcTransport
     from fednode.v1 import peer_pb2 as pb
 

@@ -21,10 +21,12 @@ import torch
 from fednode.errors import ProtocolError, Reason
 from fednode.launcher import free_ports
 from fednode.node.exchange import Recipient, fetch_state, push_update, serve_state
+from fednode.security.ca import issue_node
 from fednode.security.envelope import PayloadKey
 from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello, verify_hello
-from fednode.security.pki import TrustStore, issue_node, load_identity
+from fednode.security.identity import load_identity
+from fednode.security.trust import TrustStore
 from fednode.store.atomic import sha256_file
 from fednode.store.checkpoint import load_checkpoint, write_shared_checkpoint
 from fednode.transport.base import Caller, PeerCallError

@@ -19,7 +19,7 @@ from fednode.config import Config, parse_config, to_toml
 from fednode.learning.data import stdlib_partitions, write_partition
 from fednode.node.context import NodeContext
 from fednode.node.daemon import Daemon
-from fednode.security.pki import init_ca, issue_node
+from fednode.security.ca import init_ca, issue_node
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
 from tools.harness.collect import read_rounds
 

@@ -179,6 +179,7 @@ def test_cli_self_draft_is_ps_own_prefix_and_keeps_its_greedy_output(tmp_path):
     assert info["layers"] == 1 and info["exit"] == "layer" and info["steps"] == 2 and info["vocab"] >= 64
     assert info["agreement_after"] is not None and data["assisted"]["draft_length_choice"]["prompts"] == 0
     assert any(r["model"] == "self-draft" for r in data["generation"])
+    assert 0.0 <= data["assisted"]["head_coverage"] <= 1.0
     assert "early exit" in (out / "throughput.md").read_text()
 
 

@@ -35,7 +35,8 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "draft_level": a["draft_level"], "draft_steps": result["draft_training"].get("steps"),
         "private_params": result["private_params"], "messenger_params": result["messenger_params"],
         "param_ratio": result["param_ratio"], "draft_kind": a["draft_kind"], "draft_length": a["draft_length"],
-        "alpha": a["alpha"], "cost": a["cost"], "bound": a["bound"], "best_bound": a["best_bound"],
+        "alpha": a["alpha"], "cost": a["cost"], "head_coverage": a["head_coverage"],
+        "bound": a["bound"], "best_bound": a["best_bound"],
         "private_tokens_per_s": {str(bs): tps("private", bs) for bs in result["batch_sizes"]},
         "assisted_tokens_per_s": tps("private+draft", 1),
         "messenger_tokens_per_s_b1": {str(lv): tps("messenger", 1, lv) for lv in levels},
@@ -107,8 +108,10 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
 def _draft_line(result: dict[str, Any]) -> str:
     a, t = result["assisted"], result["draft_training"]
     if a["draft_kind"] == "self":
+        head = "" if t["vocab"] is None else (
+            f"; head over {t['vocab']:,} tokens, covering {a['head_coverage']:.1%} of P's greedy output tokens")
         return (f"the private model's own first {t['layers']} of {t['total_layers']} layers (early exit; own "
-                f"parameters: {t['exit_params']:,}, the {t['exit']} exit)")
+                f"parameters: {t['exit_params']:,}, the {t['exit']} exit{head})")
     ok = result["param_ratio"] >= result["min_param_ratio"]
     return (f"messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft parameter "
             f"ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fednode.learning.early_exit import coverage
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
 from tools.throughput.draft import local_code, train_draft
@@ -163,7 +164,9 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
     alpha = estimate_alpha(assisted.acceptance, length)
-    summary = {"identical": identity.identical, "mismatches": identity.mismatches, "compared": identity.compared,
+    index = getattr(getattr(draft, "lm_head", None), "index", None)  # a self-draft over a subset head
+    summary = {"head_coverage": None if index is None else coverage(index, plain_b1.outputs),
+               "identical": identity.identical, "mismatches": identity.mismatches, "compared": identity.compared,
                "first_mismatch": identity.first_mismatch, "plain_tokens_per_s": plain_b1.tokens_per_s,
                "assisted_tokens_per_s": assisted.tokens_per_s, "draft_speedup": speedup,
                "verdict": metrics.speedup_verdict(speedup), "draft_level": level,

@@ -250,3 +250,10 @@ def test_alpha_is_recovered_from_tokens_per_target_call():
         alpha_from_tokens_per_call(6.0, 4)
     with pytest.raises(ValueError, match="gamma"):
         alpha_from_tokens_per_call(1.5, 0)
+
+
+def test_cli_self_draft_of_an_untrained_built_private_model_is_refused_in_one_line(tmp_path):
+    result = CliRunner().invoke(throughput, ["--preset", "tiny-cpu", "--draft", "self", "--limit", "1",
+                                             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "untrained private model" in _error_line(result)

@@ -73,6 +73,10 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
         say(f"loaded {info['checkpoint']} (round {info['round']}, messenger level {info['level']})")
         return pair, draft, info["level"], {"method": "trained by a fednode run", "steps": None, **info}
     if opts.draft_kind == "self":
+        if not pair.pretrained and opts.preset != "micro":  # micro: test-sized, for the tool's own tests
+            raise BenchFailure(f"--draft self on preset {opts.preset!r} would draft an untrained private model "
+                               "(built from config): use --preset smollm2-135m, or `fednode-bench frontier` on a "
+                               "convergence run's checkpoints (its shared-prefix arms draft P by its own prefix)")
         data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
         total = pair.private.config.num_hidden_layers
         layers = opts.exit_layers if opts.exit_layers is not None else default_exit_layers(total)

@@ -257,3 +257,22 @@ def test_cli_self_draft_of_an_untrained_built_private_model_is_refused_in_one_li
                                              "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "untrained private model" in _error_line(result)
+
+
+def test_the_draft_length_asked_for_is_the_one_drafted(micro_pair):
+    """transformers reads the draft knobs from the assistant's own generation config: a fixed length
+    must reach it (it once did not: every call drafted under the assistant's defaults)."""
+    from tools.humaneval.data import load_problems
+    from tools.throughput.generation import fixed_draft_length, greedy_config, time_assisted
+    from tools.throughput.run import encode_prompts
+
+    prompts = encode_prompts(micro_pair.tokenizer, load_problems(2), 64)
+    draft = micro_pair.messenger(0)
+    before = draft.generation_config.num_assistant_tokens
+    for length in (1, 3):
+        run = time_assisted(micro_pair.private, draft, prompts, fixed_draft_length(greedy_config(
+            micro_pair.tokenizer, 12), length))
+        a = run.acceptance
+        full = a.target_calls * length  # every call verifies exactly `length` draft tokens (the last may be cut)
+        assert full - 2 * length <= a.proposed <= full, (length, a)
+    assert draft.generation_config.num_assistant_tokens == before  # the assistant's own config is restored

@@ -7,8 +7,10 @@ Each configuration gets one untimed warm-up call first (allocation, kernel selec
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -120,13 +122,38 @@ class _TargetCalls:
         self.handle.remove()
 
 
-@torch.no_grad()
+DRAFT_KNOBS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+
+@contextlib.contextmanager
+def drafting_as(assistant, config: GenerationConfig) -> Iterator[None]:
+    """Apply `config`'s draft knobs to the assistant for the call: transformers reads the draft length,
+    its schedule and the confidence cut-off from the *assistant's* generation config, not the target's."""
+    saved = assistant.generation_config
+    own = copy.deepcopy(saved)
+    for knob in DRAFT_KNOBS:
+        setattr(own, knob, getattr(config, knob))
+    assistant.generation_config = own
+    try:
+        yield
+    finally:
+        assistant.generation_config = saved
+
+
 def time_assisted(model, assistant, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                   tokenizers: tuple | None = None, progress: Callable[[str], None] | None = None) -> GenRun:
-    """Greedy generation of `model` drafted by `assistant`, one prompt at a time (transformers' limit).
+    """Greedy generation of `model` drafted by `assistant`, one prompt at a time (transformers' limit),
+    with `config`'s draft knobs applied to the assistant (see `drafting_as`).
 
     `tokenizers=(target, assistant)` switches to universal assisted decoding (different token spaces).
     """
+    with drafting_as(assistant, config):
+        return _time_assisted(model, assistant, prompts, config, tokenizers, progress)
+
+
+@torch.no_grad()
+def _time_assisted(model, assistant, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                   tokenizers: tuple | None, progress: Callable[[str], None] | None) -> GenRun:
     device = _device(model)
     extra = {} if tokenizers is None else {"tokenizer": tokenizers[0], "assistant_tokenizer": tokenizers[1]}
     run = GenRun(1)

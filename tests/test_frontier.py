@@ -26,6 +26,14 @@ def test_pareto_front_keeps_only_undominated_points_fastest_first():
     assert first_round_reaching([(5, 1.0)], 4.0) is None
 
 
+def test_a_repeating_output_is_told_apart_from_varied_code():
+    from tools.frontier.measure import DEGENERATE, distinct_fraction
+
+    assert distinct_fraction([[7] * 64]) < DEGENERATE  # '\n' x 64: any draft predicts it
+    assert distinct_fraction([list(range(40)) + [1] * 24]) > DEGENERATE
+    assert distinct_fraction([[1, 2], [3, 3]]) == 0.75 and distinct_fraction([]) == 0.0
+
+
 def test_rounds_to_measure_are_every_kth_and_the_last():
     assert rounds_to_measure([1, 2, 3, 4, 5, 6, 7], 3) == [3, 6, 7]
     assert rounds_to_measure([], 5) == []
@@ -104,6 +112,7 @@ def test_frontier_measures_every_model_of_a_run_and_writes_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["bench"] == "frontier" and last["all_drafts_identical"] is True and last["points"] == 4 + 3
+    assert "best_draft_speedup_varied_output" in last
     data = json.loads((out / "frontier.json").read_text())
     models = {(r["arm"], r["model"]) for r in data["rows"]}
     assert models == {("adaptive", m) for m in ("P", "M", "P+M", "P<-M")} | {

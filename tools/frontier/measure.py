@@ -29,6 +29,16 @@ class Settings:
     max_new_tokens: int
 
 
+DEGENERATE = 0.25  # P's greedy output with fewer distinct tokens than this fraction repeats itself
+
+
+def distinct_fraction(outputs: Sequence[Sequence[int]]) -> float:
+    """Mean over outputs of distinct tokens / tokens: near 0 when P repeats one token (a tiny model's
+    '\\n\\n\\n...'), which any draft predicts, so its acceptance says nothing about the draft."""
+    parts = [len(set(o)) / len(o) for o in outputs if o]
+    return sum(parts) / len(parts) if parts else 0.0
+
+
 def _row(model: str, bpb: float, runs: dict[int, GenRun], sizes: Sequence[int], **extra: Any) -> dict[str, Any]:
     return {"model": model, "bpb": bpb,
             "tokens_per_s": {str(bs): (runs[bs].tokens_per_s if bs in runs else None) for bs in sizes}, **extra}
@@ -43,7 +53,8 @@ def measure_site(site: Site, tok, problems: Sequence[Problem], prompts: list[lis
     p, m = site.private, site.messenger
     p_bpb = solution_nll(p, tok, problems).bits_per_byte
     p_runs = {bs: time_plain(p, prompts, bs, config) for bs in sizes}
-    rows = [_row("P", p_bpb, p_runs, sizes)]
+    variety = None if 1 not in p_runs else distinct_fraction(p_runs[1].outputs)
+    rows = [_row("P", p_bpb, p_runs, sizes, distinct=variety)]
     if m is None:
         return rows
     m_bpb = solution_nll(m, tok, problems).bits_per_byte
@@ -64,6 +75,7 @@ def measure_site(site: Site, tok, problems: Sequence[Problem], prompts: list[lis
     say(f"round {site.round}: P {p_bpb:.3f} bpb, M (level {site.level}) {m_bpb:.3f}; P drafted by M "
         f"{assisted.tokens_per_s / plain.tokens_per_s:.2f}x (length {length}, alpha {alpha}, c {cost:.2f})")
     rows.append(_row("P<-M", p_bpb, {1: assisted}, sizes, identical=identity.identical,
+                     distinct=distinct_fraction(plain.outputs),
                      speedup=assisted.tokens_per_s / plain.tokens_per_s, alpha=alpha, cost=cost,
                      draft_length=length, chosen_length=chosen["length"],
                      bound=None if alpha is None else metrics.speedup_bound(alpha, length, cost)))

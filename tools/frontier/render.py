@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.frontier.analyze import points
+from tools.frontier.measure import DEGENERATE
 from tools.report import markdown_table, scatter_plot
 
 MODELS = ("P", "M", "P+M", "P<-M")
@@ -45,20 +46,28 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plots: dict[int, str]
         lines.append("")
     lines += ["## Every point", "", markdown_table(
         ["arm", "round", "level", "model", "bits/byte", *[f"tok/s b{bs}" for bs in sizes], "identical", "speedup",
-         "alpha", "c", "length", "bound"],
+         "alpha", "c", "length", "bound", "P distinct"],
         [[r["arm"], r["round"], r["level"], r["model"], r["bpb"], *[r["tokens_per_s"].get(str(bs)) for bs in sizes],
           r.get("identical", ""), _f(r.get("speedup"), ".2f"), _f(r.get("alpha")), _f(r.get("cost")),
-          r.get("draft_length", ""), _f(r.get("bound"), ".2f")] for r in result["rows"]]), ""]
+          r.get("draft_length", ""), _f(r.get("bound"), ".2f"), _f(r.get("distinct"), ".2f")]
+         for r in result["rows"]]), "",
+        f"`P distinct`: distinct tokens / tokens of P's greedy outputs; below {DEGENERATE} P repeats itself "
+        "(e.g. only newlines), any draft predicts that, and the drafted speedup says nothing about the draft.", ""]
     return "\n".join(lines)
 
 
 def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
     drafted = [r for r in result["rows"] if r["model"] == "P<-M"]
     best = max(drafted, key=lambda r: r["speedup"], default=None)
+    varied = [r for r in drafted if (r.get("distinct") or 0.0) >= DEGENERATE]
+    honest = max(varied, key=lambda r: r["speedup"], default=None)
     return {"bench": "frontier", "preset": result["preset"], "points": len(result["rows"]),
             "front_b1": [f["label"] for f in result["analysis"].get("1", {}).get("front", [])],
             "best_draft_speedup": None if best is None else best["speedup"],
             "best_draft": None if best is None else f"{best['arm']} r{best['round']} L{best['level']}",
+            "best_draft_speedup_varied_output": None if honest is None else honest["speedup"],
+            "best_draft_varied_output": None if honest is None else
+            f"{honest['arm']} r{honest['round']} L{honest['level']}",
             "all_drafts_identical": all(r.get("identical") for r in drafted),
             "reach_b1": {f: v["first_round"] for f, v in result["analysis"].get("1", {}).get("reach", {}).items()},
             "report": str(paths["json"])}

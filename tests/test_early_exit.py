@@ -52,14 +52,7 @@ def test_training_the_exit_moves_it_toward_p_and_leaves_p_unchanged(private):
 
 def test_assisted_generation_with_the_early_exit_draft_is_ps_greedy_output(private):
     draft = early_exit_draft(private, 2, exit="layer")
-    ids = torch.randint(5, FOUR.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24, num_assistant_tokens=4,
-                           eos_token_id=private.config.eos_token_id, pad_token_id=private.config.eos_token_id)
-    with torch.no_grad():
-        plain = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
-        assisted = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                                    assistant_model=draft)
-    assert torch.equal(plain, assisted)
+    _assert_drafting_keeps_greedy_output(private, draft, seed=1)
 
 
 def test_a_subset_head_scores_only_its_tokens_and_keeps_ps_greedy_output(private):
@@ -81,10 +74,19 @@ def test_a_subset_head_scores_only_its_tokens_and_keeps_ps_greedy_output(private
         SubsetHead(private.lm_head.weight, torch.tensor([FOUR.vocab_size]))
     common = torch.arange(5, FOUR.vocab_size, 3)  # a third of the vocabulary: drafts miss the rest
     draft = with_subset_head(early_exit_draft(private, 2, exit="layer"), common)
-    ids = torch.randint(5, FOUR.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24, num_assistant_tokens=4,
-                           eos_token_id=private.config.eos_token_id, pad_token_id=private.config.eos_token_id)
-    with torch.no_grad():
+    _assert_drafting_keeps_greedy_output(private, draft, seed=2)
+
+
+def _assert_drafting_keeps_greedy_output(private, draft, seed: int) -> None:
+    """P drafted by `draft` (4 tokens a step, applied to the draft's own config, where transformers
+    reads it) generates exactly P's greedy tokens."""
+    from tools.throughput.generation import drafting_as, fixed_draft_length
+
+    ids = torch.randint(5, FOUR.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+    cfg = fixed_draft_length(GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                              eos_token_id=private.config.eos_token_id,
+                                              pad_token_id=private.config.eos_token_id), 4)
+    with torch.no_grad(), drafting_as(draft, cfg):
         plain = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
         assisted = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
                                     assistant_model=draft)

@@ -104,13 +104,16 @@ def frontier(from_run: Path, arms: str | None, seeds: str | None, nodes: str, ev
     result = {"from_run": str(from_run), "preset": "", "batch_sizes": list(sizes), "problems": len(scored),
               "prompts": prompts, "max_new_tokens": max_new_tokens, "every": every,
               "nodes": sorted({n for _, n, _, _ in plan}), "rows": []}
+    encodings: dict[tuple[str, int], list[list[int]]] = {}
     say(f"{len(plan)} checkpoints to measure ({len(chosen)} runs)")
     try:
         for i, (run, node, rnd, path) in enumerate(plan):
             site, tok = loader.site(path)
-            result["preset"] = result["preset"] or loader.last_preset
+            result["preset"] = result["preset"] or site.preset
             keep = min(prompt_tokens, site.private.config.max_position_embeddings - max_new_tokens - 1)
-            encoded = encode_prompts(tok, timed, keep)
+            if (site.preset, keep) not in encodings:  # one tokenizer per preset: encode its prompts once
+                encodings[(site.preset, keep)] = encode_prompts(tok, timed, keep)
+            encoded = encodings[(site.preset, keep)]
             rows = measure_site(site, tok, scored, encoded[:prompts], encoded[prompts:] or encoded[:2], settings,
                                 lambda m, _a=run.arm: say(f"{_a} {m}"))
             result["rows"] += [{"arm": run.arm, "seed": run.seed, "node": node, "round": rnd, "level": site.level,

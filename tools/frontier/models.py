@@ -30,6 +30,7 @@ class Site:
     """One node's models at one round."""
 
     round: int
+    preset: str  # the private model's preset, as the checkpoint names it
     mode: str
     family: str
     level: int
@@ -43,7 +44,6 @@ class Loader:
     def __init__(self, cache: Path, seed: int) -> None:
         self.cache, self.seed = Path(cache), seed
         self._private: dict[str, tuple[Any, Any]] = {}
-        self.last_preset = ""
 
     def private(self, preset: str) -> tuple[Any, Any]:
         """(model, tokenizer) of a built-from-config preset."""
@@ -66,8 +66,8 @@ class Loader:
         if family == "lora":
             raise BenchFailure(f"{path}: lora-family checkpoints are not supported by the frontier yet: "
                                "measure distilled or shared-prefix runs")
-        private, tok = self.private(meta.get("preset", ""))
-        self.last_preset = meta.get("preset", "")
+        preset = meta.get("preset", "")
+        private, tok = self.private(preset)
         level = int(meta.get("level", "0"))
         shares = mode in ("adaptive", "static")
         state = {k[8:]: v for k, v in tensors.items() if k.startswith("private.")} if shares \
@@ -89,4 +89,4 @@ class Loader:
             messenger.eval()
         elif shares and family == "shared-prefix" and level < private.config.num_hidden_layers:
             messenger = early_exit_draft(private, level, exit="norm")
-        return Site(int(meta.get("round", "0")), mode, family, level, private, messenger), tok
+        return Site(int(meta.get("round", "0")), preset, mode, family, level, private, messenger), tok

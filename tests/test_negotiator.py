@@ -55,7 +55,7 @@ def make_node(tmp_path: Path, ids, me: str = "a"):
                             clock=clock)
     ctx = NodeContext(cfg, identity, TrustStore(identity.ca_pem), PayloadKey.generate(),
                       Journal.open(tmp_path / me / "journal.db"), membership,
-                      MemoryTransport(MemoryNetwork(), me), NodeMetrics(me), own_hello, own_body)
+                      MemoryTransport(MemoryNetwork(), me), NodeMetrics(me))
     return ctx, Negotiator(ctx, ceiling=3, max_level=3, enabled=True)
 
 

@@ -135,7 +135,7 @@ def _service(tmp_path):
     trust = TrustStore(ids["a"].ca_pem)
     ctx = NodeContext(cfg, ids["a"], trust, PayloadKey.generate(), Journal.open(tmp_path / "a" / "journal.db"),
                       Membership(own, body, trust, suspect_after=5, dead_after=10),
-                      MemoryTransport(MemoryNetwork(), "a"), NodeMetrics("a"), own, body)
+                      MemoryTransport(MemoryNetwork(), "a"), NodeMetrics("a"))
     service = PeerService(ctx, lambda tensors, level: None)
     return ctx, service
 

@@ -138,6 +138,12 @@ class Membership:
     def node_id(self) -> str:
         return self.self_member.node_id
 
+    def announce(self, hello: pb.SignedHello) -> None:
+        """Our own Hello from now on (bound address, new certificate): the one place it changes, so
+        the hello we gossip and the body we check peers against never disagree."""
+        self.self_member.hello = hello
+        self.self_member.body = pb.HelloBody.FromString(hello.body)
+
     def tick(self, last_round: int | None = None) -> None:
         """Advance our own heartbeat (call once per gossip interval)."""
         me = self.self_member

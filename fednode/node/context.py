@@ -54,8 +54,6 @@ class NodeContext:
     membership: Membership
     transport: Transport
     metrics: NodeMetrics
-    own_hello: pb.SignedHello
-    own_body: pb.HelloBody
     inbox: Inbox = field(default_factory=Inbox)
     phase: Phase = Phase.STARTING
     committed_round: int = 0
@@ -70,6 +68,15 @@ class NodeContext:
     @property
     def node_id(self) -> str:
         return self.identity.node_id
+
+    @property
+    def own_hello(self) -> pb.SignedHello:
+        """Our signed Hello as peers get it (the membership owns it: `Membership.announce`)."""
+        return self.membership.self_member.hello
+
+    @property
+    def own_body(self) -> pb.HelloBody:
+        return self.membership.self_member.body
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -22,10 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fednode import PROTOCOL_VERSION
 from fednode.config import Config, load_config
 from fednode.errors import ConfigError, NetworkError, PkiError, ProtocolError, StoreError
-from fednode.mesh.membership import Membership
+from fednode.node.assembly import Compatibility, assemble_context, serve_peers
 from fednode.node.context import NodeContext, Phase
 from fednode.node.gossiper import Gossiper
 from fednode.node.learner import build_learner, measure_ceiling
@@ -34,9 +33,7 @@ from fednode.node.operator_service import start_operator_server
 from fednode.node.peer_service import PeerService
 from fednode.node.rounds import RoundLoop
 from fednode.observability import sdnotify
-from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
-from fednode.security.heartbeat import HeartbeatChain
 from fednode.security.hello import sign_hello
 from fednode.security.identity import EXPIRY_WARN_DAYS, NodeIdentity, load_identity
 from fednode.security.revocation import (
@@ -53,7 +50,6 @@ from fednode.store.journal import Journal
 from fednode.transport.base import Transport
 from fednode.transport.faults import wrap_from_env
 from fednode.transport.grpc_transport import GrpcTransport
-from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
 DRAIN_BOUND_S = 30.0
@@ -195,25 +191,8 @@ class Daemon:
         self.learner = learner
 
         transport = self.transport_factory(identity)
-        metrics = NodeMetrics(identity.node_id)
-        chain = HeartbeatChain()
-        body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION,
-                            tokenizer_hash=learner.info.tokenizer_hash, family_hash=learner.info.family_hash,
-                            payload_public_key=payload_key.public_bytes(), address=cfg.advertise,
-                            incarnation=journal.next_incarnation(), issued_unix_ms=int(time.time() * 1000),
-                            heartbeat_anchor=chain.anchor, heartbeat_base=1)
-
-        def renew(new_chain: HeartbeatChain, base: int) -> pb.SignedHello:
-            """Our heartbeat chain ran out: the same Hello with a new anchor, signed again."""
-            ctx.own_body.heartbeat_anchor, ctx.own_body.heartbeat_base = new_chain.anchor, base
-            ctx.own_hello = sign_hello(ctx.identity, ctx.own_body)
-            return ctx.own_hello
-
-        membership = Membership(pb.SignedHello(), body, trust, suspect_after=cfg.mesh.suspect_after_s,
-                                dead_after=cfg.mesh.dead_after_s, chain=chain, renew=renew,
-                                on_start=transport.forget)
-        ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
-                          own_hello=pb.SignedHello(), own_body=body)
+        ctx = assemble_context(cfg, identity, trust, journal, payload_key, transport,
+                               Compatibility(learner.info.tokenizer_hash, learner.info.family_hash))
         self.ctx = ctx
         ceiling = await asyncio.to_thread(measure_ceiling, cfg, learner)
         self.negotiator = Negotiator(ctx, ceiling=ceiling, max_level=learner.top_level,
@@ -221,19 +200,12 @@ class Daemon:
         self.negotiator.restore()
         self._restore(ctx)
 
-        service = PeerService(ctx, learner.validate, learner.update_spec())
-        bound = await transport.serve(service, cfg.node.listen)
-        if cfg.advertise.endswith(":0"):
-            body.address = bound
-        hello = sign_hello(identity, body)
-        ctx.own_hello = hello
-        membership.self_member.hello = hello
-        membership.self_member.body = body
-        membership.tick(last_round=ctx.committed_round)
+        bound = await serve_peers(ctx, PeerService(ctx, learner.validate, learner.update_spec()))
         self._servers.append(await start_operator_server(ctx, cfg.operator_socket, self.request_drain))
         if cfg.metrics.listen:
             self._start_metrics(ctx)
-        metrics.cert_expiry.set_function(lambda: ctx.identity.not_after.timestamp() - time.time())  # follows reloads
+        # follows reloads
+        ctx.metrics.cert_expiry.set_function(lambda: ctx.identity.not_after.timestamp() - time.time())
         if (warning := expiry_warning(identity)) is not None:
             log.warning(warning)
         seeds = list(cfg.mesh.seeds) + [p["address"] for p in journal.peers()]
@@ -397,9 +369,7 @@ class Daemon:
             log.warning("the revocation list in force was not signed by the new mesh CA: dropped")
         if changed:
             ctx.identity = identity
-            hello = sign_hello(identity, ctx.own_body)  # same body (and version): only the certificate is new
-            ctx.own_hello = hello
-            ctx.membership.self_member.hello = hello
+            ctx.membership.announce(sign_hello(identity, ctx.own_body))  # same body (and version): a new certificate
             log.info("certificate reloaded", extra={"serial": serial_hex(serial),
                                                     "expires": f"{identity.not_after:%Y-%m-%d %H:%M} UTC"})
             if (warning := expiry_warning(identity)) is not None:

@@ -137,21 +137,16 @@ class MeasuredPeerHandler:
 
 
 async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Callable[[], Any]]:
-    """Assemble a node context the way fednode.node.daemon does and serve the real PeerService."""
-    from fednode import PROTOCOL_VERSION
+    """A node context assembled as the daemon assembles one (fednode.node.assembly), serving the
+    real PeerService."""
     from fednode.config import Config, LimitsSection, NodeSection, TlsSection
-    from fednode.mesh.membership import Membership
-    from fednode.node.context import NodeContext
+    from fednode.node.assembly import Compatibility, assemble_context, serve_peers
     from fednode.node.peer_service import PeerService
-    from fednode.observability.metrics import NodeMetrics
     from fednode.security.envelope import PayloadKey
-    from fednode.security.heartbeat import HeartbeatChain
-    from fednode.security.hello import sign_hello
     from fednode.security.identity import load_identity
     from fednode.security.trust import TrustStore
     from fednode.store.journal import Journal
     from fednode.transport.grpc_transport import GrpcTransport
-    from fednode.v1 import peer_pb2 as pb
 
     data_dir = Path(spec.workdir) / "receiver-data"
     cfg = Config(node=NodeSection(name=RECEIVER_NAME, data_dir=data_dir, listen="127.0.0.1:0"),
@@ -159,34 +154,19 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
                  limits=LimitsSection(max_payload_mib=spec.max_payload_mib, chunk_kib=spec.chunk_kib))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = load_identity(cfg.tls.cert, cfg.tls.key, cfg.tls.ca)
-    trust = TrustStore(identity.ca_pem)
     journal = Journal.open(data_dir / "journal.db")
-    payload_key = PayloadKey.load_or_create(data_dir / "payload.key")
     transport = GrpcTransport(identity)
-    metrics = NodeMetrics(identity.node_id)
-    chain = HeartbeatChain()
-    body = pb.HelloBody(node_id=identity.node_id, protocol_version=PROTOCOL_VERSION, tokenizer_hash=BENCH_TOKENIZER,
-                        family_hash=BENCH_FAMILY, payload_public_key=payload_key.public_bytes(),
-                        address=cfg.advertise, incarnation=journal.next_incarnation(),
-                        issued_unix_ms=int(time.time() * 1000), heartbeat_anchor=chain.anchor, heartbeat_base=1)
-    membership = Membership(pb.SignedHello(), body, trust, suspect_after=cfg.mesh.suspect_after_s,
-                            dead_after=cfg.mesh.dead_after_s, chain=chain)
-    ctx = NodeContext(cfg, identity, trust, payload_key, journal, membership, transport, metrics,
-                      own_hello=pb.SignedHello(), own_body=body)
+    ctx = assemble_context(cfg, identity, TrustStore(identity.ca_pem), journal,
+                           PayloadKey.load_or_create(data_dir / "payload.key"), transport,
+                           Compatibility(BENCH_TOKENIZER, BENCH_FAMILY))
     ctx.inbox.open(ROUND)
     timed = _TimedValidator(VALIDATORS[spec.validate])
     service = PeerService(ctx, timed)  # it counts and logs its own refusals
     try:
-        bound = await transport.serve(MeasuredPeerHandler(service, ctx, reporter, timed), cfg.node.listen)
+        bound = await serve_peers(ctx, MeasuredPeerHandler(service, ctx, reporter, timed))
     except BaseException:
         journal.close()
         raise
-    body.address = bound
-    hello = sign_hello(identity, body)
-    ctx.own_hello = hello
-    membership.self_member.hello = hello
-    membership.self_member.body = body
-    membership.tick(last_round=0)
 
     async def close() -> None:
         try:

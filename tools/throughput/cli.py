@@ -94,6 +94,21 @@ class _Say:
                    "[default: 200 tiny-cpu, 200 smollm2-135m, 2 micro].")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft self: draft over the N most frequent local-code tokens only (a cheaper head); 0: all.")
+@click.option("--exit-data", type=click.Choice(("code", "greedy")), default="code", show_default=True,
+              help="--draft self: what the exit learns P on: local code (KL), or P's own greedy continuations "
+                   "of local-code prompts (self-distillation; never HumanEval).")
+@click.option("--exit-loss", type=click.Choice(("kl", "top1")), default="kl", show_default=True,
+              help="--exit-data greedy: KL to P's distribution, or cross-entropy to P's argmax.")
+@click.option("--exit-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="--draft self: the exit's learning rate [default: 1e-3 code, 3e-3 greedy].")
+@click.option("--greedy-prompts", type=click.IntRange(min=2), default=None,
+              help="--exit-data greedy: local-code prompts P continues [default: 96].")
+@click.option("--greedy-tokens", type=click.IntRange(min=1), default=None,
+              help="--exit-data greedy: greedy tokens P generates per prompt [default: 64].")
+@click.option("--loop", type=click.Choice(("own", "transformers")), default=None,
+              help="Drafted generation loop: own (one draft forward per draft token, one private-model "
+                   "forward per step) or transformers' assisted generation [default: own for --draft self, "
+                   "transformers for a messenger].")
 @click.option("--draft-length", default="auto", show_default=True,
               help="Draft tokens per step: auto (chosen from acceptance and cost on 2 prompts outside the "
                    "measured ones) or a fixed N.")
@@ -114,7 +129,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_steps: int | None, draft_level: int | None, from_run: Path | None, prompt_tokens: int,
                train_steps: int | None, seed: int, device: str, threads: int | None, cache: Path | None,
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
-               draft_length: str) -> None:
+               draft_length: str, exit_data: str, exit_loss: str, exit_lr: float | None,
+               greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -129,6 +145,12 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
 
     sizes = parse_batch_sizes(batch_sizes)
     length = parse_draft_length(draft_length)
+    greedy_set = exit_loss != "kl" or greedy_prompts is not None or greedy_tokens is not None
+    if greedy_set and exit_data != "greedy":
+        raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
+    self_set = exit_data != "code" or exit_lr is not None
+    if self_set and draft_kind != "self":
+        raise click.UsageError("--exit-data and --exit-lr apply to --draft self")
     if draft_kind == "self" and from_run is not None:
         raise click.UsageError("--draft self takes the preset's private model, not a run's: drop --from-run "
                                "(or draft the run by its messenger with --draft messenger)")
@@ -157,7 +179,9 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    train_steps=d_train if train_steps is None else train_steps, from_run=from_run, seed=seed,
                    device=device, cache=cache or default_cache(), draft_kind=draft_kind, exit_layers=exit_layers,
                    exit_kind=exit_kind, exit_steps=EXIT_STEPS[preset] if exit_steps is None else exit_steps,
-                   draft_vocab=draft_vocab, draft_length=length)
+                   draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
+                   exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
+                   greedy_tokens=greedy_tokens or 0)
     say = _Say()
     try:
         result = run_benchmark(opts, say)
@@ -176,5 +200,5 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     bound = "-" if a["bound"] is None else f"{a['bound']:.2f}"
     click.echo(f"{preset}: draft_speedup {speed:.2f} ({a['verdict']}); identical: {a['identical']} "
                f"({a['mismatches']} mismatches); draft length {a['draft_length']}, alpha {a['alpha']}, "
-               f"c {a['cost']:.3f}, bound {bound}")
+               f"c {a['cost']:.3f}, bound {bound}, {a['loop']} loop")
     emit_last_line(render.summary(result, paths))

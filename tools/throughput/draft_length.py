@@ -14,7 +14,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from tools.throughput import metrics
-from tools.throughput.generation import fixed_draft_length, time_assisted
+from tools.throughput.speculative import time_drafted
 
 CALIBRATION_LENGTH = 4  # long enough to tell 50 % from 90 % acceptance, short enough to waste little
 CALIBRATION_PROMPTS = 2  # HumanEval prompts right after the measured ones (never measured themselves)
@@ -29,10 +29,9 @@ def estimate_alpha(acceptance: metrics.Acceptance | None, gamma: int) -> float |
 
 
 def calibrate(private, draft, prompts: Sequence[Sequence[int]], config: GenerationConfig, cost: float,
-              tokenizers: tuple | None = None) -> dict[str, Any]:
+              tokenizers: tuple | None = None, loop: str = "transformers") -> dict[str, Any]:
     """{'length', 'alpha', 'cost', 'bound'}: the length to draft at, from a run at CALIBRATION_LENGTH."""
-    probe = time_assisted(private, draft, prompts, fixed_draft_length(config, CALIBRATION_LENGTH),
-                          tokenizers=tokenizers)
+    probe = time_drafted(loop, private, draft, prompts, config, CALIBRATION_LENGTH, tokenizers=tokenizers)
     alpha = estimate_alpha(probe.acceptance, CALIBRATION_LENGTH)
     if alpha is None:  # token spaces translated: no acceptance to go by; draft at the calibration length
         return {"length": CALIBRATION_LENGTH, "alpha": None, "cost": cost, "bound": None, "prompts": len(prompts)}

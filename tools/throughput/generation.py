@@ -69,7 +69,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -88,10 +88,10 @@ def time_plain(model, prompts: Sequence[Sequence[int]], batch_size: int, config:
     for k, batch in enumerate(batches):
         ids, mask = left_pad([prompts[i] for i in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        _sync(device)
+        sync(device)
         run.seconds += time.perf_counter() - start
         new = out[:, ids.shape[1]:].cpu()
         run.tokens += new.numel()
@@ -166,11 +166,11 @@ def _time_assisted(model, assistant, prompts: Sequence[Sequence[int]], config: G
         ids = torch.tensor([list(prompt)], device=device)
         calls = _TargetCalls(model)
         try:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                  assistant_model=assistant, **extra)
-            _sync(device)
+            sync(device)
             run.seconds += time.perf_counter() - start
         finally:
             calls.close()

@@ -24,11 +24,11 @@ from tools.throughput.generation import (
     assistant_settings,
     fixed_draft_length,
     greedy_config,
-    time_assisted,
     time_plain,
 )
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
-from tools.throughput.self_draft import build_self_draft, default_exit_layers
+from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
+from tools.throughput.speculative import time_drafted
 from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
@@ -56,6 +56,12 @@ class Options:
     exit_steps: int = 0  # self: exit training steps of draft_batch blocks
     draft_vocab: int = 0  # self: head over the N most frequent local-code tokens (0: P's whole head)
     draft_length: int | None = None  # draft tokens per step (None: chosen from a calibration run)
+    loop: str | None = None  # own | transformers (None: own for the self-draft, transformers for a messenger)
+    exit_data: str = "code"  # self: the exit learns P on local code, or on P's own greedy continuations of it
+    exit_loss: str = "kl"  # self, greedy data: kl (P's distribution) or top1 (cross-entropy to P's argmax)
+    exit_lr: float | None = None  # self: the exit's learning rate [default: self_draft.EXIT_LR]
+    greedy_prompts: int = 0  # self, greedy data: local-code prompts P continues (0: the default)
+    greedy_tokens: int = 0  # self, greedy data: tokens P generates per prompt (0: the default)
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -81,10 +87,11 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
         total = pair.private.config.num_hidden_layers
         layers = opts.exit_layers if opts.exit_layers is not None else default_exit_layers(total)
         try:
+            plan = ExitPlan.of(opts.exit_data, opts.exit_loss, opts.exit_lr, opts.greedy_prompts, opts.greedy_tokens)
             draft, info = build_self_draft(pair.private, pair.tokenizer, data, layers=layers,
                                            exit_kind=opts.exit_kind, steps=opts.exit_steps,
                                            batch_size=opts.draft_batch, vocab=opts.draft_vocab, seed=opts.seed,
-                                           progress=say)
+                                           progress=say, plan=plan)
         except ValueError as exc:
             raise BenchFailure(f"--draft self: {exc}") from None
         return pair, draft, None, info
@@ -148,22 +155,25 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     cost = plain_b1.tokens_per_s / draft_b1.tokens_per_s  # c: one draft token's time over one private token's
     check = tokenizer_check(pair.private, draft, pair.tokenizer)
     tokenizers = None if check["shared"] else (pair.tokenizer, pair.tokenizer)
+    loop = opts.loop or ("own" if level is None else "transformers")
+    if loop == "own" and tokenizers is not None:
+        raise BenchFailure("--loop own needs a draft in the private model's token space: use --loop transformers")
     if opts.draft_length is None:
         say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
-        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers)
+        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop)
         say(f"draft length {chosen['length']} (acceptance alpha {chosen['alpha']}, bound {chosen['bound']})")
     else:
         chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "prompts": 0}
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
-    say(f"private model drafted by {_draft_label(level)} ({length} tokens per step), batch 1")
-    assisted = time_assisted(pair.private, draft, prompts, drafting, tokenizers=tokenizers, progress=say)
+    say(f"private model drafted by {_draft_label(level)} ({length} tokens per step, {loop} loop), batch 1")
+    assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say)
     rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
     for bs in opts.batch_sizes:
         if bs != 1:
             rows.append({"model": "private+draft", "level": level, "batch_size": bs, "supported": False,
-                         "tokens_per_s": None, "note": "transformers assisted generation supports batch size 1 only "
-                                                       "(ValueError otherwise); not measured"})
+                         "tokens_per_s": None, "note": "drafting is measured at batch size 1 only (transformers' "
+                                                       "assisted generation and the own loop); not measured"})
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
@@ -179,7 +189,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
-               "settings": assistant_settings(drafting), **acc}
+               "settings": assistant_settings(drafting), "loop": loop, **acc}
     return rows, summary
 
 

@@ -1,0 +1,143 @@
+"""Greedy speculative decoding at batch 1, our own loop: one draft forward per draft token, one
+target forward per step, both on their own KV caches.
+
+transformers' assisted generation runs a nested `generate` for every draft step (logits
+processors, stopping criteria, cache bookkeeping); on a 2-core CPU that overhead cost ~40 % on
+top of Leviathan's bound with the self-draft. This loop does only the work the bound counts:
+draft `length` tokens (the draft's own `DynamicCache`), verify them in one forward of the target
+over the last committed token plus the drafts, keep the longest prefix matching the target's
+argmax, append the target's own next token, and crop both caches back to what is committed.
+
+Every committed token is the target's argmax given the committed prefix, so the output is the
+target's greedy output whatever the draft proposes (a test checks it with a draft that is always
+wrong). `banned` ids are never generated: the benchmark forces `max_new_tokens` (transformers'
+`min_new_tokens` masks EOS), and the loop must mask the same ids to give the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from tools.throughput.generation import WARMUP_TOKENS, GenRun, fixed_draft_length, sync, time_assisted
+from tools.throughput.metrics import Acceptance
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One prompt's new tokens and how the draft fared (the first target call reads the prompt too)."""
+
+    tokens: list[int]
+    target_calls: int
+    proposed: int
+    accepted: int
+
+    @property
+    def acceptance(self) -> Acceptance:
+        return Acceptance(self.target_calls, self.proposed, self.accepted, len(self.tokens))
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _argmax(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    if banned:
+        logits = logits.clone()
+        logits[..., list(banned)] = float("-inf")
+    return logits.argmax(-1)
+
+
+def _ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([list(tokens)], dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int, length: int,
+                       banned: Sequence[int] = ()) -> Decoded:
+    """Exactly `max_new_tokens` greedy tokens of `target` after `prompt`, drafted `length` at a time."""
+    if max_new_tokens < 1 or length < 0 or not prompt:
+        raise ValueError(f"need a prompt, max_new_tokens >= 1 and length >= 0 (got {len(prompt)}, "
+                         f"{max_new_tokens}, {length})")
+    device = next(target.parameters()).device
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    seq, calls, proposed, accepted = list(prompt), 0, 0, 0
+    while len(seq) - len(prompt) < max_new_tokens:
+        committed = len(seq)
+        k = min(length, max_new_tokens - (committed - len(prompt)) - 1)  # never draft past the end
+        drafts: list[int] = []
+        pending = seq[d_cache.get_seq_length():]  # committed tokens the draft has not seen yet
+        for _ in range(k):
+            out = draft(input_ids=_ids(pending, device), cache=d_cache, use_cache=True, logits_to_keep=1)
+            drafts.append(int(_argmax(out.logits[0, -1], banned)))
+            pending = drafts[-1:]
+        fed = [*seq[t_cache.get_seq_length():], *drafts]  # the whole prompt on the first call (as transformers)
+        logits = target(input_ids=_ids(fed, device), cache=t_cache, use_cache=True, logits_to_keep=k + 1).logits
+        best = _argmax(logits[0], banned).tolist()  # best[i]: the target's token after seq + drafts[:i]
+        calls += 1
+        m = 0
+        while m < k and drafts[m] == best[m]:
+            m += 1
+        seq += [*drafts[:m], best[m]]
+        proposed += k
+        accepted += m
+        _crop(t_cache, len(seq) - 1)  # the target has seen every committed token but the newest
+        if k:
+            _crop(d_cache, committed + min(m, k - 1))  # the draft saw seq[:committed] and drafts[:k-1]
+    return Decoded(seq[len(prompt):], calls, proposed, accepted)
+
+
+def banned_ids(config) -> tuple[int, ...]:
+    """The ids transformers masks for the whole run: EOS when min_new_tokens forces max_new_tokens."""
+    eos = config.eos_token_id
+    if eos is None or (config.min_new_tokens or 0) < config.max_new_tokens:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def time_speculative(target, draft, prompts: Sequence[Sequence[int]], config, length: int,
+                     progress: Callable[[str], None] | None = None) -> GenRun:
+    """Timed `speculative_greedy` over every prompt, after one untimed warm-up call (as `time_assisted`)."""
+    if (config.min_new_tokens or 0) < config.max_new_tokens:
+        raise ValueError("the own loop generates exactly max_new_tokens: set min_new_tokens = max_new_tokens")
+    banned = banned_ids(config)
+    device = next(target.parameters()).device
+    speculative_greedy(target, draft, prompts[0], WARMUP_TOKENS, length, banned)
+    run = GenRun(1)
+    total: Acceptance | None = None
+    for k, prompt in enumerate(prompts):
+        sync(device)
+        start = time.perf_counter()
+        out = speculative_greedy(target, draft, prompt, config.max_new_tokens, length, banned)
+        sync(device)
+        run.seconds += time.perf_counter() - start
+        run.tokens += len(out.tokens)
+        run.calls += 1
+        run.outputs.append(out.tokens)
+        total = out.acceptance if total is None else total + out.acceptance
+        if progress:
+            progress(f"prompt {k + 1}/{len(prompts)}: {run.tokens / run.seconds:.1f} tokens/s so far")
+    run.acceptance = total
+    return run
+
+
+LOOPS = ("own", "transformers")  # own: this module's loop; transformers: assisted generation
+
+
+def time_drafted(loop: str, target, draft, prompts: Sequence[Sequence[int]], config, length: int,
+                 tokenizers: tuple | None = None, progress: Callable[[str], None] | None = None) -> GenRun:
+    """P drafted `length` tokens a step by `draft`, timed with the chosen loop (same tokens either way)."""
+    if loop == "own":
+        if tokenizers is not None:
+            raise ValueError("the own loop needs the draft to share the target's token space: use --loop transformers")
+        return time_speculative(target, draft, prompts, config, length, progress)
+    if loop == "transformers":
+        return time_assisted(target, draft, prompts, fixed_draft_length(config, length), tokenizers=tokenizers,
+                             progress=progress)
+    raise ValueError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")

@@ -7,6 +7,7 @@ operator reading journald sees what to change without reading code.
 from __future__ import annotations
 
 import difflib
+import enum
 import json
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,64 @@ from typing import Any
 
 from fednode.errors import ConfigError
 from fednode.learning.files import DEFAULT_EXCLUDE, DEFAULT_MAX_FILE_KIB, check_languages, check_pattern
+
+
+class ConfigChoice(enum.StrEnum):
+    """A config value that is one of a fixed set: compares, formats and prints (repr too, so
+    error messages read as the config does) as the string written in the TOML file."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Mode(ConfigChoice):
+    """[learning] mode: what a site shares and whether the mesh negotiates the messenger's size."""
+
+    ADAPTIVE = "adaptive"  # a messenger whose level the mesh negotiates
+    STATIC = "static"  # a messenger at one fixed level
+    FEDAVG = "fedavg"  # the whole model is averaged (the baseline)
+    LOCAL = "local"  # nothing leaves the site (the other baseline)
+
+    @property
+    def shares(self) -> bool:
+        return self is not Mode.LOCAL
+
+    @property
+    def has_messenger(self) -> bool:
+        return self in (Mode.ADAPTIVE, Mode.STATIC)
+
+
+class Family(ConfigChoice):
+    """[learning] family: what a messenger is."""
+
+    DISTILLED = "distilled"  # a small model distilled both ways; P never leaves
+    SHARED_PREFIX = "shared-prefix"  # P's first layers travel
+    LORA = "lora"  # a low-rank adapter on a frozen base travels
+
+
+class Preset(ConfigChoice):
+    """[model] preset: the site's private model."""
+
+    MICRO = "micro"
+    TINY = "tiny"
+    SMALL = "small"
+    SMOLLM2_135M = "smollm2-135m"
+    LOCAL = "local"  # a Hugging Face model directory, [model] path
+
+    @property
+    def pretrained(self) -> bool:
+        """Loaded from local files, not built from a config."""
+        return self in (Preset.SMOLLM2_135M, Preset.LOCAL)
+
+
+def _enum_value(where: str, kind: type[ConfigChoice], value: object) -> ConfigChoice:
+    """`value` as a member of `kind`, or the one-line error naming the key and the close match."""
+    if isinstance(value, kind):
+        return value
+    options = [m.value for m in kind]
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{where} {value!r} is unknown{_suggest(str(value), options)}")
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -46,12 +105,15 @@ class TlsSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "tiny"
+    preset: Preset = Preset.TINY
     seed: int = 0
     vocab_size: int = 4096
     tokenizer_cache: Path | None = None  # defaults to DATA_DIR/tokenizers
     path: Path | None = None  # preset "local": a Hugging Face model directory (never downloaded)
     cache: Path | None = None  # converted pretrained models (smollm2-135m); defaults to DATA_DIR/models
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preset", _enum_value("[model] preset", Preset, self.preset))
 
 
 @dataclass(frozen=True)
@@ -82,10 +144,10 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class LearningSection:
-    mode: str = "adaptive"  # adaptive | static | fedavg | local
+    mode: Mode = Mode.ADAPTIVE
     ladder: str = ""  # messenger family; defaults to the model preset's ladder
     static_level: int = 0  # the level of `static` mode
-    family: str = "distilled"  # distilled (P never leaves) | shared-prefix (P's first layers travel) | lora
+    family: Family = Family.DISTILLED
     lora_ranks: tuple[int, ...] = (4, 8, 16, 32)  # lora family: the shared adapter's rank at each level
     lora_private_rank: int = 8  # lora family: rank of the adapter that stays home (0 = none)
     frozen_base: str = "auto"  # shared-prefix: embedding/head frozen, never sent (auto: on for pretrained presets)
@@ -104,6 +166,10 @@ class LearningSection:
     curriculum: bool = True
     curriculum_buckets: int = 4
     curriculum_midpoint_rounds: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _enum_value("[learning] mode", Mode, self.mode))
+        object.__setattr__(self, "family", _enum_value("[learning] family", Family, self.family))
 
 
 @dataclass(frozen=True)
@@ -184,15 +250,14 @@ _SECTION_TYPES = {
 _PATH_KEYS = {("node", "data_dir"), ("node", "operator_socket"), ("tls", "ca"), ("tls", "cert"),
               ("tls", "key"), ("tls", "crl"), ("model", "tokenizer_cache"), ("data", "dir"),
               ("model", "path"), ("model", "cache")}
-PRETRAINED_PRESETS = ("smollm2-135m", "local")  # loaded from local files, not built from a config
-_KNOWN_PRESETS = ("micro", "tiny", "small", *PRETRAINED_PRESETS)
+PRETRAINED_PRESETS = tuple(p for p in Preset if p.pretrained)
 FROZEN_BASE = ("auto", "on", "off")  # [learning] frozen_base
 # fednode.learning.messenger.LADDERS (kept here so config imports no torch)
 _BUILT_LADDERS = ("micro", "tiny", "tiny-wide")
-MODES = ("adaptive", "static", "fedavg", "local")
+MODES = tuple(Mode)
 WEIGHTINGS = ("uniform", "data-size", "fairness", "qffl")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "norm-clip")
-FAMILIES = ("distilled", "shared-prefix", "lora")
+FAMILIES = tuple(Family)
 MAX_LORA_RANK = 4096
 DISTILL_WEIGHTS = ("fixed", "fedkd")  # fednode.learning.distill.WEIGHTS / TEACHERS (no torch import here)
 TEACHERS = ("frozen", "live", "both")
@@ -204,7 +269,7 @@ GROWTH_SIGNALS = ("plateau", "budget")  # fednode.mesh.negotiation.Params.growth
 # grown on budget ended at P 2.405 (grew at rounds 5, 11, 17), on the loss plateau at 2.577 (grew
 # at round 25), static-3 at 2.515; a shared prefix is P itself, whose loss improves as long as P
 # trains, so a plateau never came (bench/RESULTS.md "Knowledge transfer").
-FAMILY_GROWTH_SIGNAL = {"distilled": "budget", "shared-prefix": "budget", "lora": "budget"}
+FAMILY_GROWTH_SIGNAL = {Family.DISTILLED: "budget", Family.SHARED_PREFIX: "budget", Family.LORA: "budget"}
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -275,16 +340,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[mesh] needs gossip_interval_s < suspect_after_s < dead_after_s: try 1, 6, 20")
     if m.fanout < 1:
         raise ConfigError("[mesh] fanout must be >= 1: try 2")
-    if cfg.model.preset not in _KNOWN_PRESETS:
-        hint = _suggest(cfg.model.preset, list(_KNOWN_PRESETS))
-        raise ConfigError(f"[model] preset {cfg.model.preset!r} is unknown{hint}")
-    if cfg.model.preset == "local" and cfg.model.path is None:
+    if cfg.model.preset is Preset.LOCAL and cfg.model.path is None:
         raise ConfigError('[model] preset "local" needs [model] path: the directory of a Hugging Face causal LM')
     ladder = cfg.learning.ladder
     if ladder and ladder not in _BUILT_LADDERS:
         raise ConfigError(f"[learning] ladder {ladder!r} is unknown{_suggest(ladder, list(_BUILT_LADDERS))}")
-    if (not ladder and cfg.model.preset not in (*_BUILT_LADDERS, *PRETRAINED_PRESETS)
-            and cfg.learning.mode in ("adaptive", "static") and cfg.learning.family == "distilled"):
+    if (not ladder and cfg.model.preset not in _BUILT_LADDERS and not cfg.model.preset.pretrained
+            and cfg.learning.mode.has_messenger and cfg.learning.family is Family.DISTILLED):
         raise ConfigError(f"[model] preset {cfg.model.preset!r} has no messenger ladder of its own: "
                           f'set [learning] ladder = "tiny"')
     t = cfg.train
@@ -303,20 +365,18 @@ def _validate(cfg: Config) -> None:
     if not 1 <= t.grad_accum <= 1024:
         raise ConfigError(f"[train] grad_accum {t.grad_accum} must be in 1..1024 (micro-batches per step)")
     lrn = cfg.learning
-    if lrn.mode not in MODES:
-        raise ConfigError(f"[learning] mode {lrn.mode!r} is unknown{_suggest(lrn.mode, list(MODES))}")
     if lrn.weighting not in WEIGHTINGS:
         hint = _suggest(lrn.weighting, list(WEIGHTINGS))
         raise ConfigError(f"[learning] weighting {lrn.weighting!r} is unknown{hint}")
     if lrn.aggregation not in AGGREGATIONS:
         hint = _suggest(lrn.aggregation, list(AGGREGATIONS))
         raise ConfigError(f"[learning] aggregation {lrn.aggregation!r} is unknown{hint}")
-    for key, options in (("family", FAMILIES), ("distill_weight", DISTILL_WEIGHTS), ("teacher", TEACHERS),
+    for key, options in (("distill_weight", DISTILL_WEIGHTS), ("teacher", TEACHERS),
                          ("update_codec", CODECS), ("frozen_base", FROZEN_BASE)):
         value = getattr(lrn, key)
         if value not in options:
             raise ConfigError(f"[learning] {key} {value!r} is unknown{_suggest(value, list(options))}")
-    if lrn.frozen_base == "on" and lrn.family != "shared-prefix":
+    if lrn.frozen_base == "on" and lrn.family is not Family.SHARED_PREFIX:
         raise ConfigError('[learning] frozen_base = "on" needs family = "shared-prefix" (a distilled messenger has '
                           'its own embedding): set the family or frozen_base = "auto"')
     ranks = lrn.lora_ranks
@@ -540,6 +600,6 @@ def uses_frozen_base(cfg: Config) -> bool:
     request, or by default for a shared-prefix family over a pretrained model, whose embedding is
     most of its parameters and identical at every site."""
     lrn = cfg.learning
-    if lrn.family != "shared-prefix" or lrn.frozen_base == "off":
+    if lrn.family is not Family.SHARED_PREFIX or lrn.frozen_base == "off":
         return False
-    return lrn.frozen_base == "on" or cfg.model.preset in PRETRAINED_PRESETS
+    return lrn.frozen_base == "on" or cfg.model.preset.pretrained

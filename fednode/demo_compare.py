@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fednode.config import Config, load_config
+from fednode.config import Config, Mode, load_config
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def compare(config_paths: list[Path], rounds: int) -> list[NodeGain]:
     for cfg in configs:
         model, _tok = _private_of(cfg)
         federated[cfg.node.name] = model
-        twin = LocalModelLearner(replace(cfg, learning=replace(cfg.learning, mode="local")))
+        twin = LocalModelLearner(replace(cfg, learning=replace(cfg.learning, mode=Mode.LOCAL)))
         for r in range(1, rounds + 1):
             twin.train_round(r)
         alone[cfg.node.name] = twin.model

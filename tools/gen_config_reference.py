@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import enum
 import inspect
 import io
 import re
@@ -139,8 +140,8 @@ def _type_name(annotation: Any) -> str:
         return "integer"
     if annotation is float:
         return "number"
-    if annotation is str:
-        return "string"
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.StrEnum)):
+        return "string"  # an enum is written as one of its values
     if annotation is Path:
         return "path"
     origin = typing.get_origin(annotation)

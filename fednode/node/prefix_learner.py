@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fednode.config import Config, uses_frozen_base
+from fednode.config import Config, Mode, uses_frozen_base
 from fednode.errors import ProtocolError, Reason
 from fednode.learning import prefix, probe, weighting
 from fednode.learning.aggregate import validate_update
@@ -55,7 +55,7 @@ class PrefixLearner:
             parts.append(f"frozen-base:{prefix.base_hash(named)}")
         full = state_tensors(self.private)
         self.top_level = prefix.top_level(full, self.frozen)
-        self.level = min(cfg.learning.static_level if self.mode == "static" else 0, self.top_level)
+        self.level = min(cfg.learning.static_level if self.mode is Mode.STATIC else 0, self.top_level)
         self._shapes = {name: tuple(t.shape) for name, t in full.items()}
         self.trainer = LocalTrainer(self.private, lr=cfg.train.lr, seed=cfg.model.seed,
                                     placement=Placement.from_config(cfg))

@@ -8,6 +8,7 @@ stay alive, a fresh TLS client sees the new certificate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -20,9 +21,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from fednode.config import load_config, to_toml
+from fednode.config import Config, load_config, to_toml
 from fednode.launcher import LocalMesh
-from fednode.node.daemon import Daemon, expiry_warning, split_reload
+from fednode.node.daemon import Daemon, expiry_warning
+from fednode.node.peer_service import fetch_limiter, gossip_limiter
+from fednode.node.reload import LIVE_KEYS, split_reload
 from fednode.operator_client import fetch_peers
 from fednode.security.ca import _issue_node, init_ca, issue_node
 from fednode.security.identity import load_identity
@@ -63,6 +66,45 @@ def rewrite(path: Path, section: str, **values) -> None:
 
 
 # ------------------------------------------------------------------------------------------ rules
+
+# Every live key (fednode.node.reload.LIVE_KEYS, [tls] aside: steps 1, 4 and 5 of
+# test_reload_in_process swap certificates and lists) with a new value and what reads it in the
+# part that owns it, so a key that reloads into the config but not into its owner fails here.
+LIVE_PROBES = {
+    ("mesh", "seeds"): (["127.0.0.9:7799"], lambda d: "127.0.0.9:7799" in d.gossiper.seeds),
+    ("mesh", "gossip_interval_s"): (0.2, lambda d: d.gossiper.interval == 0.2
+                                    and _limits(d)[0] == gossip_limiter(0.2).rate),
+    ("mesh", "suspect_after_s"): (2.5, lambda d: d.ctx.membership.suspect_after == 2.5),
+    ("mesh", "dead_after_s"): (6.5, lambda d: d.ctx.membership.dead_after == 6.5),
+    ("mesh", "fanout"): (4, lambda d: d.ctx.cfg.mesh.fanout == 4),  # the gossiper reads it each tick
+    ("limits", "max_payload_mib"): (3, lambda d: d.ctx.max_payload == 3 << 20),  # state fetches and pushes
+    ("limits", "chunk_kib"): (48, lambda d: d.ctx.chunk_size == 48 << 10),  # every stream it sends
+    ("train", "round_timeout_s"): (9.0, lambda d: _limits(d)[1] == fetch_limiter(9.0).rate),
+    ("train", "catchup_lag"): (5, lambda d: d.ctx.cfg.train.catchup_lag == 5),  # read per round by the loop
+    ("train", "keep_checkpoints"): (2, lambda d: d.ctx.cfg.train.keep_checkpoints == 2),  # read per commit
+    ("log", "level"): ("debug", lambda d: logging.getLogger().level == logging.DEBUG),
+}
+
+
+def _limits(daemon: Daemon) -> tuple[float, float]:
+    """The peer service's gossip and fetch rates in force, after the next call would resize them."""
+    service = daemon.peer_service
+    service._follow_reload()
+    return service.gossip_limit.rate, service.fetch_limit.rate
+
+
+def test_every_live_key_has_a_probe_of_its_owner():
+    live = {(section, key) for section, keys in LIVE_KEYS.items() if section != "tls"
+            for key in (keys if keys is not None else [f.name for f in dataclasses.fields(getattr(Config(), section))])}
+    assert live == set(LIVE_PROBES)
+
+
+def test_reflection_is_not_live(tmp_path):
+    """The reflection service is registered when the listener starts: a reload cannot turn it on."""
+    old = Config()
+    new = dataclasses.replace(old, mesh=dataclasses.replace(old.mesh, reflection=True))
+    applied, live, restart = split_reload(old, new)
+    assert not applied.mesh.reflection and restart == ["[mesh] reflection"] and live == []
 
 
 def test_split_reload_applies_live_keys_and_lists_the_rest(tmp_path):
@@ -183,6 +225,19 @@ def test_reload_in_process(tmp_path, caplog):
             await daemon.reload()
             assert ctx.identity is kept and ctx.trust.revocation.number == 1
             assert "is revoked by the mesh CA" in messages(logging.ERROR)
+
+            # 6. every live key reaches the part that owns it (the log level only where the daemon
+            # owns the process: as `fednode run` does)
+            daemon._owns_process = True
+            root_level = logging.getLogger().level
+            try:
+                for (section, key), (value, applied) in LIVE_PROBES.items():
+                    rewrite(node.config_path, section, **{key: value})
+                    assert await daemon.reload(), f"[{section}] {key}"
+                    assert applied(daemon), f"[{section}] {key} = {value!r} reloaded but its owner runs on without it"
+            finally:
+                daemon._owns_process = False
+                logging.getLogger().setLevel(root_level)
             assert not task.done()
         finally:
             daemon.request_drain()

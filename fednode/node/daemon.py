@@ -31,6 +31,7 @@ from fednode.node.learner import build_learner, measure_ceiling
 from fednode.node.negotiator import Negotiator
 from fednode.node.operator_service import start_operator_server
 from fednode.node.peer_service import PeerService
+from fednode.node.reload import split_reload
 from fednode.node.rounds import RoundLoop
 from fednode.observability import sdnotify
 from fednode.security.envelope import PayloadKey
@@ -54,43 +55,6 @@ from fednode.transport.grpc_transport import GrpcTransport
 log = logging.getLogger(__name__)
 DRAIN_BOUND_S = 30.0
 EXPIRY_CHECK_EVERY_S = 12 * 3600.0
-
-# What a reload (SIGHUP) applies to a running node; every other key needs a restart. A section
-# mapped to None applies whole.
-LIVE_KEYS: dict[str, frozenset[str] | None] = {
-    "mesh": None,
-    "tls": None,
-    "limits": None,
-    "train": frozenset({"round_timeout_s", "catchup_lag", "keep_checkpoints"}),
-    "log": frozenset({"level"}),
-}
-
-
-def _config_sections(cfg: Config) -> list[str]:
-    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
-
-
-def split_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
-    """(the config to run with, keys applied live, keys that need a restart) for a re-read config:
-    live keys come from `new`, every other key keeps its running value."""
-    applied: dict[str, Any] = {}
-    live: list[str] = []
-    restart: list[str] = []
-    for section in _config_sections(old):
-        before, after = getattr(old, section), getattr(new, section)
-        keys = LIVE_KEYS.get(section, frozenset())
-        take = {}
-        for f in dataclasses.fields(before):
-            if getattr(before, f.name) == getattr(after, f.name):
-                continue
-            if keys is None or f.name in keys:
-                take[f.name] = getattr(after, f.name)
-                live.append(f"[{section}] {f.name}")
-            else:
-                restart.append(f"[{section}] {f.name}")
-        applied[section] = dataclasses.replace(before, **take) if take else before
-    return dataclasses.replace(old, **applied), live, restart
-
 
 def expiry_warning(identity: NodeIdentity, now: dt.datetime | None = None) -> str | None:
     """The warning to log when the node's certificate expires within EXPIRY_WARN_DAYS, else None."""
@@ -166,6 +130,7 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._drain_requested = asyncio.Event()
         self.gossiper: Gossiper | None = None
+        self.peer_service: PeerService | None = None
         self._lock = None
         self._metrics_server: Any = None  # prometheus_client's WSGIServer once listening
         self.notifier: sdnotify.Notifier | None = None  # only run() talks to systemd: serve() may host many nodes
@@ -200,7 +165,8 @@ class Daemon:
         self.negotiator.restore()
         self._restore(ctx)
 
-        bound = await serve_peers(ctx, PeerService(ctx, learner.validate, learner.update_spec()))
+        self.peer_service = PeerService(ctx, learner.validate, learner.update_spec())
+        bound = await serve_peers(ctx, self.peer_service)
         self._servers.append(await start_operator_server(ctx, cfg.operator_socket, self.request_drain))
         if cfg.metrics.listen:
             self._start_metrics(ctx)

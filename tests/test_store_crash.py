@@ -1,9 +1,10 @@
 """Crash safety of the store: a writer process SIGKILLs itself at each write point, then we recover.
 
 The child writes a checkpoint and commits its round in a loop (as the daemon does) and kills itself
-via `fednode.store.atomic._crash_hook` at one point of one round. For the point "atomic.written"
-(data written, not yet fsynced) it first truncates the temp file to half, standing in for the
-unsynced pages a power cut loses. The parent then reopens everything like a restarted daemon.
+from a hook installed with `fednode.store.atomic.set_crash_hook` at one point of one round. For the
+point "atomic.written" (data written, not yet fsynced) it first truncates the temp file to half,
+standing in for the unsynced pages a power cut loses. The parent then reopens everything like a
+restarted daemon.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def hook(name):
         os.truncate(tmp, tmp.stat().st_size // 2)
     os.kill(os.getpid(), signal.SIGKILL)
 
-atomic._crash_hook = hook
+atomic.set_crash_hook(hook)
 journal = Journal.open(data_dir / "journal.db")
 prev = journal.last_round()
 for n in range((prev.round if prev else 0) + 1, last + 1):
@@ -182,11 +183,11 @@ def test_write_order_is_fsync_rename_dirsync_then_commit(
     with Journal.open(tmp_path / "journal.db") as j:
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(atomic, "_crash_hook", lambda name: events.append(("point", name)))
         ckpt = tmp_path / "ckpt"
         ckpt.mkdir()
-        name, sha = save_checkpoint(ckpt, 1, {"w": torch.ones(4)}, {})
-        j.commit_round(RoundRecord(1, 0, 1, name, sha, 1.0, 0.5, 1, 0, 0, [], "local", 1))
+        with atomic.crash_hook(lambda name: events.append(("point", name))):
+            name, sha = save_checkpoint(ckpt, 1, {"w": torch.ones(4)}, {})
+            j.commit_round(RoundRecord(1, 0, 1, name, sha, 1.0, 0.5, 1, 0, 0, [], "local", 1))
     tmp = atomic.tmp_path_for(ckpt / name)
     assert events == [
         ("point", "atomic.written"),
@@ -199,3 +200,7 @@ def test_write_order_is_fsync_rename_dirsync_then_commit(
         ("point", "journal.round_inserted"),
         ("point", "journal.round_committed"),
     ]
+    assert [name for kind, name in events if kind == "point"] == list(atomic.CRASH_POINTS)
+    events.clear()
+    save_checkpoint(ckpt, 2, {"w": torch.ones(4)}, {})  # the hook is gone again
+    assert events and not [e for e in events if e[0] == "point"]

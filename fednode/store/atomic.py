@@ -7,22 +7,47 @@ the same for a file that must never be replaced once it exists (first writer win
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from fednode.errors import StoreError
 
-# Test seam: called with a point name ("atomic.written", "atomic.fsynced", "atomic.renamed",
-# "atomic.dir_fsynced", "journal.round_inserted", "journal.round_committed") so crash tests can
-# kill the process exactly there. Always None in production.
-_crash_hook: Callable[[str], None] | None = None
+# The store's write points, in the order one checkpoint write and its round commit pass them:
+# data written (not yet fsynced), fsynced, renamed into place, directory fsynced, the journal's
+# round row inserted (transaction open), committed.
+CRASH_POINTS = ("atomic.written", "atomic.fsynced", "atomic.renamed", "atomic.dir_fsynced",
+                "journal.round_inserted", "journal.round_committed")
+CrashHook = Callable[[str], None]  # called with a point's name; a crash test kills the process there
+
+_crash_hook: CrashHook | None = None  # set only through set_crash_hook; None in production
 
 
-def _crash_point(name: str) -> None:
+def set_crash_hook(hook: CrashHook | None) -> CrashHook | None:
+    """Install `hook` at the store's write points (CRASH_POINTS), or with None remove it; returns
+    the hook it replaces, so a caller can put that back. The only way in: crash tests and the fault
+    plan (fednode.transport.faults, only under FEDNODE_FAULTS) use it; production never does."""
+    global _crash_hook
+    previous, _crash_hook = _crash_hook, hook
+    return previous
+
+
+@contextlib.contextmanager
+def crash_hook(hook: CrashHook) -> Iterator[None]:
+    """`hook` at the write points for the duration of the block, then whatever was there before."""
+    previous = set_crash_hook(hook)
+    try:
+        yield
+    finally:
+        set_crash_hook(previous)
+
+
+def crash_point(name: str) -> None:
+    """The store reached write point `name` (one of CRASH_POINTS): the installed hook, if any, runs."""
     if _crash_hook is not None:
         _crash_hook(name)
 
@@ -87,12 +112,12 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview], mode: i
             for chunk in chunks:
                 digest.update(chunk)
                 _write_all(fd, chunk)
-            _crash_point("atomic.written")
+            crash_point("atomic.written")
             stage = "fsync"
             os.fsync(fd)
         finally:
             os.close(fd)
-        _crash_point("atomic.fsynced")
+        crash_point("atomic.fsynced")
         stage = "rename into place"
         os.replace(tmp, path)
     except BaseException as err:
@@ -103,12 +128,12 @@ def write_atomic(path: Path, data: bytes | Iterable[bytes | memoryview], mode: i
         if isinstance(err, OSError):
             raise os_error_to_store(err, path, stage) from err
         raise
-    _crash_point("atomic.renamed")
+    crash_point("atomic.renamed")
     try:
         fsync_dir(path.parent)
     except OSError as err:
         raise os_error_to_store(err, path.parent, "fsync directory") from err
-    _crash_point("atomic.dir_fsynced")
+    crash_point("atomic.dir_fsynced")
     return digest.hexdigest()
 
 

@@ -262,8 +262,8 @@ class Journal:
                     rec.committed_unix_ms,
                 ),
             )
-            atomic._crash_point("journal.round_inserted")
-        atomic._crash_point("journal.round_committed")
+            atomic.crash_point("journal.round_inserted")
+        atomic.crash_point("journal.round_committed")
 
     def last_round(self) -> RoundRecord | None:
         with self._locked("read rounds") as conn:

@@ -55,9 +55,12 @@ class NetworkError(FednodeError):
 
 
 class ProtocolError(FednodeError):
-    """A peer sent something we refuse; `reason` is the typed protocol outcome."""
+    """A peer sent something we refuse; `reason` is the typed protocol outcome. `revocation_list`
+    (DER), when set, travels back with the refusal: a revoked caller learns, verifiably (the list
+    is CA-signed), why it was refused."""
 
-    def __init__(self, reason: int, detail: str):
+    def __init__(self, reason: int, detail: str, *, revocation_list: bytes | None = None):
         super().__init__(f"{reason_name(reason)}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.revocation_list: bytes | None = revocation_list

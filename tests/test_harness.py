@@ -80,10 +80,33 @@ def test_fault_plan_rejects_bad_files_with_one_line_errors():
     assert FaultPlan.from_json(plan.to_json()) == plan
     for bad, word in (("[1]", "object"), ('{"bogus": 1}', "unknown"), ('{"latency_ms": -1}', "latency_ms"),
                       ('{"stall_after": "x"}', "stall_after"), ('{"tamper": 1}', "tamper"),
-                      ('{"block": "a"}', "block"), ("{", "not JSON")):
+                      ('{"block": "a"}', "block"), ("{", "not JSON"),
+                      ('{"crash_at": ["atomic.nowhere"]}', "unknown points .*atomic.fsynced")):
         with pytest.raises(ConfigError, match=word) as info:
             FaultPlan.from_json(bad)
         assert "\n" not in str(info.value)
+
+
+def test_a_fault_plan_reaches_the_store_only_through_its_crash_hook(tmp_path):
+    """FEDNODE_FAULTS wraps the transport and installs the plan's crash points with
+    fednode.store.atomic.set_crash_hook; without it nothing is wrapped or installed."""
+    from fednode.store import atomic
+    from fednode.transport.faults import ENV_VAR, FaultyTransport, wrap_from_env
+    from fednode.transport.memory import MemoryNetwork, MemoryTransport
+
+    def factory(identity):
+        return MemoryTransport(MemoryNetwork(), "a")
+
+    before = atomic.set_crash_hook(None)
+    try:
+        assert wrap_from_env(factory, {}) is factory and atomic.set_crash_hook(None) is None
+        wrapped = wrap_from_env(factory, {ENV_VAR: str(tmp_path / "faults.json")})
+        assert isinstance(wrapped(None), FaultyTransport)
+        hook = atomic.set_crash_hook(None)
+        assert hook is not None
+        hook("atomic.fsynced")  # no plan file yet: an empty plan, no crash
+    finally:
+        atomic.set_crash_hook(before)
 
 
 def test_daemons_die_with_a_killed_harness_and_ports_are_freed(tmp_path):

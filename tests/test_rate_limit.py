@@ -15,6 +15,7 @@ from fednode.config import parse_config, to_toml
 from fednode.errors import ProtocolError, Reason
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext
+from fednode.node.gate import PeerGate
 from fednode.node.peer_service import (
     GOSSIP_RATE_PER_S,
     MAX_PUSHES_PER_CALLER,
@@ -28,6 +29,7 @@ from fednode.security.hello import sign_hello
 from fednode.security.trust import TrustStore
 from fednode.store.journal import Journal
 from fednode.transport.base import Caller
+from fednode.transport.endpoint import PeerEndpoint
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
 from fednode.v1 import peer_pb2 as pb
 
@@ -162,17 +164,18 @@ def test_a_gossip_flood_from_one_peer_is_refused_counted_and_others_are_served(t
     ctx, service = _service(tmp_path)
     clock = Clock()
     service.gossip_limit = gossip_limiter(ctx.cfg.mesh.gossip_interval_s, clock=clock)
+    served = PeerEndpoint(service, PeerGate(ctx.trust, ctx.metrics))  # as every transport serves it
 
     async def flood() -> tuple[int, int]:
         ok = refused = 0
         for _ in range(500):
             try:
-                await service.handle_gossip(pb.Digest(sender_id="b"), Caller("b"))
+                await served.gossip(pb.Digest(sender_id="b"), Caller("b"))
                 ok += 1
             except ProtocolError as exc:
                 assert exc.reason == Reason.RATE_LIMITED and "gossip less often" in str(exc)
                 refused += 1
-        reply = await service.handle_gossip(pb.Digest(sender_id="c"), Caller("c"))  # another peer: served
+        reply = await served.gossip(pb.Digest(sender_id="c"), Caller("c"))  # another peer: served
         assert reply.sender_id == "a"
         return ok, refused
 

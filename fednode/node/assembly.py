@@ -15,6 +15,7 @@ from fednode import PROTOCOL_VERSION
 from fednode.config import Config
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext
+from fednode.node.gate import PeerGate
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.heartbeat import HeartbeatChain
@@ -63,9 +64,11 @@ def assemble_context(cfg: Config, identity: NodeIdentity, trust: TrustStore, jou
 
 
 async def serve_peers(ctx: NodeContext, handler: PeerHandler) -> str:
-    """Serve `handler` at `[node] listen`; returns the bound address. An advertised port 0 becomes
-    the bound port, and the Hello is signed again for it before any peer can see it."""
-    bound = await ctx.transport.serve(handler, ctx.cfg.node.listen)
+    """Serve `handler` at `[node] listen` behind the node's gate (every caller's certificate checked
+    against the trust store, every refusal counted: `fednode.node.gate.PeerGate`); returns the bound
+    address. An advertised port 0 becomes the bound port, and the Hello is signed again for it
+    before any peer can see it."""
+    bound = await ctx.transport.serve(handler, ctx.cfg.node.listen, PeerGate(ctx.trust, ctx.metrics))
     if ctx.cfg.advertise.endswith(":0"):
         body = pb.HelloBody()
         body.CopyFrom(ctx.own_body)

@@ -86,9 +86,8 @@ class Gossiper:
     def _learn_from_refusal(self, address: str, exc: PeerCallError) -> None:
         """A peer that refuses our certificate as revoked sends the revocation list along: adopt it
         (it is checked against the mesh CA like any other), which logs that this node is revoked."""
-        revocation_list = getattr(exc, "revocation_list", None)
-        if revocation_list:
-            self.ctx.offer_revocation_list(revocation_list, address)
+        if exc.revocation_list:
+            self.ctx.offer_revocation_list(exc.revocation_list, address)
 
     async def say_goodbye(self) -> None:
         """Tell a few peers we are leaving so they stop waiting for us at once."""

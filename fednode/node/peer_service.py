@@ -1,7 +1,9 @@
 """The node's answers to its peers (the server side of the peer protocol).
 
-Every refusal is a `ProtocolError` with a typed reason: it is counted, logged with the peer,
-and sent back as a gRPC status; nothing a peer sends can stop the node.
+Every refusal is a `ProtocolError` with a typed reason: it is counted and logged with the peer
+(`fednode.node.gate.PeerGate`, once per call, in the transport's endpoint) and sent back as a typed
+status; nothing a peer sends can stop the node. Serve it with `fednode.node.assembly.serve_peers`,
+which puts the gate in front of it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fednode.errors import ProtocolError, Reason, reason_name
+from fednode.errors import ProtocolError, Reason
 from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
+from fednode.node.gate import TIMING_REASONS as TIMING_REASONS  # where fednode.node.rounds reads it
+from fednode.node.gate import PeerGate
 from fednode.node.inbox import Admission
 from fednode.security import bounds
 from fednode.security.hello import check_compatible, verify_hello
-from fednode.security.revocation import RevokedCertificate
 from fednode.store.atomic import sha256_file
 from fednode.store.checkpoint import shared_name
 from fednode.transport.base import Caller
@@ -32,13 +35,6 @@ if TYPE_CHECKING:  # the learners import torch models: a bare receiver (fednode-
     from fednode.node.learner import UpdateSpec
 
 log = logging.getLogger(__name__)
-REVOKED_LOG_EVERY_S = 60.0
-
-
-# Mesh timing, not a fault: a round the receiver has left or not reached yet (a joiner catching up,
-# a straggler), a member whose hello has not reached us yet (a joiner that heard of us by gossip
-# and asks for state before its handshake lands). Counted like every refusal, logged without alarm.
-TIMING_REASONS = frozenset({Reason.STALE_ROUND, Reason.NOT_READY, Reason.UNKNOWN_PEER})
 
 
 class RateLimiter:
@@ -136,24 +132,12 @@ class PeerService:
         self._limits_for = (ctx.cfg.mesh.gossip_interval_s, ctx.cfg.train.round_timeout_s)
         self._fetches: dict[str, int] = {}  # caller -> FetchState streams in flight
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
-        self._quiet_logged: dict[tuple[str, int], float] = {}  # (caller, reason) -> when last logged
+        self.gate = PeerGate(ctx.trust, ctx.metrics)  # re-checks callers mid-stream (revoked while streaming)
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
-        self.ctx.metrics.reject(reason_name(exc.reason))
-        # a revoked node keeps calling, a flooder keeps flooding: count each, log once a minute
-        if isinstance(exc, RevokedCertificate) or exc.reason == Reason.RATE_LIMITED:
-            now = time.monotonic()
-            key = (caller.node_id or "?", exc.reason)
-            if now - self._quiet_logged.get(key, -REVOKED_LOG_EVERY_S) < REVOKED_LOG_EVERY_S:
-                return
-            if len(self._quiet_logged) > 4096:
-                self._quiet_logged.clear()
-            self._quiet_logged[key] = now
-        level = logging.INFO if exc.reason in TIMING_REASONS else logging.WARNING
-        log.log(level, "refused peer message: %s", exc.detail,
-                extra={"peer": caller.node_id or "?", "reason": reason_name(exc.reason)})
-
-    # Each handler counts and logs its own refusals, so every transport reports them the same way.
+        """A refusal made inside a call that did not end it (a gossiped record refused while the
+        digest was merged); refusals that end a call are the gate's (`PeerGate.refused`)."""
+        self.gate.refused(exc, caller)
 
     async def _sha(self, path) -> str:
         key = str(path)
@@ -163,37 +147,19 @@ class PeerService:
             self._shared_sha[key] = await asyncio.to_thread(sha256_file, path)
         return self._shared_sha[key]
 
-    def _check_caller(self, caller: Caller) -> None:
-        """The TLS layer checked the caller's certificate against the mesh CA, but it cannot see our
-        revocation list: refuse a revoked (or otherwise no longer valid) caller here, on every RPC."""
-        if caller.certificate_der:
-            self.ctx.trust.verify_certificate(caller.certificate_der)
+    # The caller check (`PeerGate.admit`) and the count of every refusal happen once per call in
+    # the transport's endpoint (fednode.transport.endpoint), before and around these handlers.
 
     async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
-        try:
-            self._check_caller(caller)
-            return await self._handshake(hello, caller)
-        except ProtocolError as exc:
-            self.refused(exc, caller)
-            raise
+        return await self._handshake(hello, caller)
 
     async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
-        try:
-            self._check_caller(caller)
-            return await self._gossip(digest, caller)
-        except ProtocolError as exc:
-            self.refused(exc, caller)
-            raise
+        return await self._gossip(digest, caller)
 
     async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
                           caller: Caller) -> pb.Receipt:
-        try:
-            self._check_caller(caller)
-            with self._push_slot(caller):
-                return await self._push(start, chunks, caller)
-        except ProtocolError as exc:
-            self.refused(exc, caller)
-            raise
+        with self._push_slot(caller):
+            return await self._push(start, chunks, caller)
 
     @contextlib.contextmanager
     def _push_slot(self, caller: Caller) -> Iterator[None]:
@@ -230,14 +196,9 @@ class PeerService:
         return min(self.ctx.max_payload, update_size_limit(self.spec.largest_shapes))  # max_payload_mib reloads
 
     async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
-        try:
-            self._check_caller(caller)
-            with self._fetch_slot(caller):
-                async for chunk in self._fetch(request, caller):
-                    yield chunk
-        except ProtocolError as exc:
-            self.refused(exc, caller)
-            raise
+        with self._fetch_slot(caller):
+            async for chunk in self._fetch(request, caller):
+                yield chunk
 
     @contextlib.contextmanager
     def _fetch_slot(self, caller: Caller) -> Iterator[None]:
@@ -307,7 +268,7 @@ class PeerService:
                                                   f"the sender must push faster or smaller updates") from None
         self.validate(update.tensors, update.level)
         check_dtypes(update.tensors, self.update_dtypes())
-        self._check_caller(caller)  # revoked while it streamed: never reaches the inbox
+        self.gate.admit(caller)  # revoked while it streamed: never reaches the inbox
         ctx.metrics.received(update.sender, update.nbytes, int(header.chunk_count))
         if await ctx.inbox.put(update) is not Admission.KEEP:  # the round moved on while it streamed
             raise ProtocolError(Reason.STALE_ROUND, f"round {header.round} closed while the update streamed")
@@ -344,6 +305,6 @@ class PeerService:
                                        chunk_size=ctx.chunk_size):
             sent += len(chunk.data)
             if chunk.index % 16 == 15:
-                self._check_caller(caller)  # revoked mid-stream: stop serving it
+                self.gate.admit(caller)  # revoked mid-stream: stop serving it
             yield chunk
         ctx.metrics.sent(request.requester_id, sent, 0)

@@ -38,8 +38,7 @@ class RevokedCertificate(ProtocolError):
     learn, verifiably, that it was revoked."""
 
     def __init__(self, detail: str, revocation_list: bytes):
-        super().__init__(Reason.BAD_CERTIFICATE, detail)
-        self.revocation_list = revocation_list
+        super().__init__(Reason.BAD_CERTIFICATE, detail, revocation_list=revocation_list)
 
 
 @dataclass(frozen=True)

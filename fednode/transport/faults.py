@@ -14,8 +14,9 @@ Plan keys (all optional):
   latency_ms       delay added before every outgoing call (and every pushed chunk)
   stall_after      a push stream stops sending after this many chunks and hangs until its deadline
   tamper           flip one bit in the ciphertext of every pushed chunk (a tampering peer)
-  crash_at         store write points (fednode.store.atomic crash points, e.g. "atomic.fsynced",
+  crash_at         store write points (fednode.store.atomic.CRASH_POINTS, e.g. "atomic.fsynced",
                    "journal.round_inserted") at which the daemon SIGKILLs itself: power loss mid-write
+                   (installed with fednode.store.atomic.set_crash_hook)
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fednode.errors import ConfigError
+from fednode.errors import ConfigError, Reason
 from fednode.security.identity import NodeIdentity
 from fednode.store import atomic
-from fednode.transport.base import PeerCallError, PeerHandler, Transport
+from fednode.transport.base import OPEN_GATE, CallGate, PeerCallError, PeerHandler, Transport
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ class FaultPlan:
         crash_at = raw.get("crash_at", [])
         if not isinstance(crash_at, list) or not all(isinstance(a, str) for a in crash_at):
             raise ConfigError(f"{source}: crash_at must be a list of crash point names")
+        unknown_points = sorted(set(crash_at) - set(atomic.CRASH_POINTS))
+        if unknown_points:
+            raise ConfigError(f"{source}: crash_at names unknown points {unknown_points}: use only "
+                              f"{list(atomic.CRASH_POINTS)}")
         return cls(frozenset(block), float(latency), stall, tamper, frozenset(crash_at), frozenset(block_fetch))
 
     def to_json(self) -> str:
@@ -132,14 +136,13 @@ class PlanFile:
 
 
 class FaultyTransport(Transport):
-    """Delegates to a real transport, applying the current plan to outgoing calls."""
+    """Delegates the whole `Transport` interface to a real transport (`inner`), applying the current
+    plan to outgoing calls; serving, identity reloads and `forget` pass through untouched. Nothing
+    else is forwarded: whatever is not the interface is the inner transport's (`.inner`)."""
 
     def __init__(self, inner: Transport, plan: Callable[[], FaultPlan]):
         self.inner = inner
         self.plan = plan
-
-    def __getattr__(self, name: str) -> Any:  # health, ...: the wrapped transport's
-        return getattr(self.inner, name)
 
     def set_identity(self, identity: NodeIdentity) -> None:
         self.inner.set_identity(identity)
@@ -152,11 +155,11 @@ class FaultyTransport(Transport):
         if plan.latency_ms:
             await asyncio.sleep(plan.latency_ms / 1000)
         if plan.blocks(address):
-            raise PeerCallError(address, "UNAVAILABLE", 0, "link cut by the fault plan")
+            raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "link cut by the fault plan")
         return plan
 
-    async def serve(self, handler: PeerHandler, listen: str) -> str:
-        return await self.inner.serve(handler, listen)
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
+        return await self.inner.serve(handler, listen, gate)
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         await self._before(address)
@@ -184,7 +187,7 @@ class FaultyTransport(Transport):
     async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
         plan = await self._before(address)
         if address in plan.block_fetch:
-            raise PeerCallError(address, "UNAVAILABLE", 0, "state fetch cut by the fault plan")
+            raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "state fetch cut by the fault plan")
         async for chunk in self.inner.fetch(address, request, timeout):
             yield chunk
 
@@ -206,5 +209,5 @@ def wrap_from_env(factory: Callable[[NodeIdentity], Transport],
         return factory
     plan_file = PlanFile(Path(path))
     log.warning("fault injection enabled from %s=%s (tests and benchmarks only)", ENV_VAR, path)
-    atomic._crash_hook = lambda point: _crash_if_planned(plan_file.current(), point)
+    atomic.set_crash_hook(lambda point: _crash_if_planned(plan_file.current(), point))
     return lambda identity: FaultyTransport(factory(identity), plan_file.current)

@@ -1,9 +1,10 @@
 """The real transport: grpc.aio with mutual TLS, chunked streams, typed refusals.
 
-The servicer follows the `rpc_*` convention: each RPC method is a thin adapter that turns the
-call into a `PeerHandler` call and a `ProtocolError` into a gRPC status with the machine-readable
-reason in trailing metadata. Health checking is served alongside, server reflection when asked
-([mesh] reflection).
+The servicer is a thin layer over `fednode.transport.endpoint.PeerEndpoint` (admission, decoding
+and counting, shared with the in-memory twin): each RPC method hands the endpoint the caller from
+the TLS context and turns a `ProtocolError` into a gRPC status with the machine-readable reason
+(and a revocation list, when the refusal carries one) in trailing metadata. Health checking is
+served alongside, server reflection when asked ([mesh] reflection).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
@@ -24,13 +24,17 @@ from fednode.errors import NetworkError, ProtocolError, Reason
 from fednode.security import tls
 from fednode.security.identity import NodeIdentity
 from fednode.transport.base import (
+    OPEN_GATE,
     REASON_METADATA_KEY,
     Caller,
+    CallGate,
     PeerCallError,
     PeerHandler,
     Transport,
+    attached_revocation_list,
     status_code_for,
 )
+from fednode.transport.endpoint import PeerEndpoint, Undecodable
 from fednode.v1 import peer_pb2 as pb
 from fednode.v1 import peer_pb2_grpc
 
@@ -39,10 +43,8 @@ log = logging.getLogger(__name__)
 # A chunk is at most 16 MiB of plaintext (config bound) plus framing; nothing larger is accepted.
 MAX_MESSAGE = 17 * 1024 * 1024
 M = TypeVar("M", bound=Message)  # a request message type
-R = TypeVar("R")  # a handler's reply
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 REVOCATION_METADATA_KEY = "fednode-revocation-list-bin"
-MAX_REVOCATION_METADATA = 4096  # well under gRPC's 8 KiB metadata limit; larger lists still spread by gossip
 RETIRE_CHANNELS_AFTER_S = 90.0  # old client channels outlive a certificate reload this long (in-flight calls)
 
 
@@ -53,9 +55,9 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
 async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
     code = getattr(grpc.StatusCode, status_code_for(exc.reason))
     metadata: list[tuple[str, str | bytes]] = [(REASON_METADATA_KEY, Reason.Name(exc.reason))]
-    revocation_list = getattr(exc, "revocation_list", None)  # a revoked caller gets the (CA-signed) proof
-    if revocation_list and len(revocation_list) <= MAX_REVOCATION_METADATA:
-        metadata.append((REVOCATION_METADATA_KEY, bytes(revocation_list)))
+    revocation_list = attached_revocation_list(exc)  # a revoked caller gets the (CA-signed) proof
+    if revocation_list is not None:
+        metadata.append((REVOCATION_METADATA_KEY, revocation_list))
     context.set_trailing_metadata(tuple(metadata))
     await context.abort(code, exc.detail)
 
@@ -75,19 +77,6 @@ async def _drain(stream: AsyncIterator[object], max_chunks: int = 65_536, max_se
         await asyncio.wait_for(consume(), max_seconds)
 
 
-@dataclass(frozen=True)
-class Undecodable:
-    """A request that did not parse as its message type. The lenient deserializers hand it to the
-    servicer, which refuses it as MALFORMED (typed and counted) instead of gRPC's untyped UNKNOWN."""
-
-    type_name: str
-    size: int
-
-    def refusal(self) -> ProtocolError:
-        return ProtocolError(Reason.MALFORMED, f"a {self.size}-byte request is not a valid {self.type_name}: "
-                                               f"send a serialized fednode.v1.{self.type_name}")
-
-
 def _lenient(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
     def parse(data: bytes) -> M | Undecodable:
         try:
@@ -98,71 +87,34 @@ def _lenient(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
     return parse
 
 
-def _decoded(request: M | Undecodable) -> M:
-    if isinstance(request, Undecodable):
-        raise request.refusal()
-    return request
-
-
-async def _decoded_stream(stream: AsyncIterator[pb.Chunk | Undecodable]) -> AsyncIterator[pb.Chunk]:
-    async for chunk in stream:
-        yield _decoded(chunk)
-
-
 class PeerServicer(peer_pb2_grpc.PeerServicer):
-    """Adapts gRPC calls to a PeerHandler. Refusals the servicer makes itself (undecodable requests,
-    a push without an envelope start) are counted through the handler's `refused`, like its own."""
+    """gRPC's side of a `PeerEndpoint`: the caller from the TLS context in, a refusal out as a
+    status with its reason (and any revocation list) in trailing metadata. Admission, decoding and
+    counting are the endpoint's, the same for every RPC and every transport."""
 
-    def __init__(self, handler: PeerHandler):
-        self.handler = handler
+    def __init__(self, endpoint: PeerEndpoint):
+        self.endpoint = endpoint
 
-    def _count(self, exc: ProtocolError, caller: Caller) -> None:
-        refused = getattr(self.handler, "refused", None)
-        if refused is not None:
-            refused(exc, caller)
-
-    def _decode(self, request: M | Undecodable, caller: Caller) -> M:
+    async def Handshake(self, request: pb.SignedHello | Undecodable,  # type: ignore[override]  # noqa: N802
+                        context: grpc.aio.ServicerContext) -> pb.SignedHello:
         try:
-            return _decoded(request)
-        except ProtocolError as exc:
-            self._count(exc, caller)
-            raise
-
-    async def _unary(self, request: M | Undecodable, context: grpc.aio.ServicerContext,
-                     handle: Callable[[M, Caller], Awaitable[R]]) -> R:
-        """Decode (counted refusal if it does not parse), handle, or abort with the typed reason."""
-        caller = _caller(context)
-        try:
-            return await handle(self._decode(request, caller), caller)
+            return await self.endpoint.handshake(request, _caller(context))
         except ProtocolError as exc:
             await _abort(context, exc)
             raise  # abort raises; never reached
 
-    async def Handshake(self, request: pb.SignedHello | Undecodable,  # type: ignore[override]  # noqa: N802
-                        context: grpc.aio.ServicerContext) -> pb.SignedHello:
-        return await self._unary(request, context, self.handler.handle_handshake)
-
     async def Gossip(self, request: pb.Digest | Undecodable,  # type: ignore[override]  # noqa: N802
                      context: grpc.aio.ServicerContext) -> pb.Digest:
-        return await self._unary(request, context, self.handler.handle_gossip)
+        try:
+            return await self.endpoint.gossip(request, _caller(context))
+        except ProtocolError as exc:
+            await _abort(context, exc)
+            raise  # abort raises; never reached
 
     async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # type: ignore[override]  # noqa: N802,E501
                             context: grpc.aio.ServicerContext) -> pb.Receipt:
-        caller = _caller(context)
-        stream = _decoded_stream(request_iterator)
         try:
-            try:
-                try:
-                    first = await anext(stream)
-                except StopAsyncIteration:
-                    raise ProtocolError(Reason.MALFORMED,
-                                        "empty stream: the first chunk must carry the envelope start") from None
-                if not first.HasField("start"):
-                    raise ProtocolError(Reason.MALFORMED, "the first chunk must carry the envelope start")
-            except ProtocolError as exc:
-                self._count(exc, caller)
-                raise
-            return await self.handler.handle_push(first.start, stream, caller)  # counts its own refusals
+            return await self.endpoint.push(request_iterator, _caller(context))
         except ProtocolError as exc:
             await _drain(request_iterator)
             await _abort(context, exc)
@@ -170,9 +122,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
 
     async def FetchState(self, request: pb.StateRequest | Undecodable,  # type: ignore[override]  # noqa: N802
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
-        caller = _caller(context)
         try:
-            async for chunk in self.handler.handle_fetch(self._decode(request, caller), caller):
+            async for chunk in self.endpoint.fetch(request, _caller(context)):
                 yield chunk
         except ProtocolError as exc:
             await _abort(context, exc)
@@ -205,9 +156,7 @@ def _call_error(address: str, exc: grpc.aio.AioRpcError) -> PeerCallError:
             reason = Reason.Value(value)
         elif key == REVOCATION_METADATA_KEY and isinstance(value, bytes):
             revocation_list = value
-    error = PeerCallError(address, exc.code().name, reason, exc.details() or "")
-    error.revocation_list = revocation_list  # type: ignore[attr-defined]  # unverified: the node checks it
-    return error
+    return PeerCallError(address, exc.code().name, reason, exc.details() or "", revocation_list=revocation_list)
 
 
 class GrpcTransport(Transport):
@@ -223,9 +172,9 @@ class GrpcTransport(Transport):
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
-    async def serve(self, handler: PeerHandler, listen: str) -> str:
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
         server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
-        add_peer_servicer(PeerServicer(handler), server)
+        add_peer_servicer(PeerServicer(PeerEndpoint(handler, gate)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

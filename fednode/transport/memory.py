@@ -1,8 +1,9 @@
 """In-process twin of the gRPC transport, for simulating large meshes in one process.
 
-Same semantics as `GrpcTransport`: messages are serialized and parsed on every hop (so no
-object is shared between nodes), refusals come back as `PeerCallError` with the same reason
-and status code, streams are pulled one chunk at a time, and faults (down nodes, partitions,
+Same semantics as `GrpcTransport` (tests/test_transport_contract.py runs one suite over both):
+the same `PeerEndpoint` serves the handler, messages are serialized and parsed on every hop (so no
+object is shared between nodes), refusals come back as `PeerCallError` with the same reason,
+status code and revocation list, streams are pulled one chunk at a time, and faults (down nodes, partitions,
 latency) look to the caller like the network's UNAVAILABLE / DEADLINE_EXCEEDED.
 """
 
@@ -14,7 +15,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fednode.errors import ProtocolError, Reason
-from fednode.transport.base import Caller, PeerCallError, PeerHandler, Transport, status_code_for
+from fednode.transport.base import (
+    OPEN_GATE,
+    Caller,
+    CallGate,
+    PeerCallError,
+    PeerHandler,
+    Transport,
+    refusal_error,
+)
+from fednode.transport.endpoint import PeerEndpoint
 from fednode.v1 import peer_pb2 as pb
 
 T = TypeVar("T")
@@ -24,7 +34,7 @@ T = TypeVar("T")
 class MemoryNetwork:
     """The shared medium: who listens where, and which links are cut or slow."""
 
-    handlers: dict[str, tuple[PeerHandler, str]] = field(default_factory=dict)  # address -> (handler, node)
+    handlers: dict[str, PeerEndpoint] = field(default_factory=dict)  # address -> the handler served there
     cut: set[frozenset[str]] = field(default_factory=set)  # pairs of addresses that cannot talk
     latency_s: dict[str, float] = field(default_factory=dict)  # added to every call to/from an address
     bytes_moved: int = 0
@@ -57,54 +67,51 @@ class MemoryTransport(Transport):
         self.node_id = node_id
         self.address = ""
 
-    async def serve(self, handler: PeerHandler, listen: str) -> str:
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
         address = listen if listen and not listen.endswith(":0") else self.network.allocate()
-        self.network.handlers[address] = (handler, self.node_id)
+        self.network.handlers[address] = PeerEndpoint(handler, gate)
         self.address = address
         return address
 
     async def close(self, grace: float = 1.0) -> None:
         self.network.handlers.pop(self.address, None)
 
-    def _target(self, address: str) -> PeerHandler:
+    def _caller(self) -> Caller:
+        return Caller(self.node_id)  # no TLS: the twin's caller is who it says (its node name)
+
+    def _target(self, address: str) -> PeerEndpoint:
         if not self.network.reachable(self.address, address):
             raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "no route to peer")
-        return self.network.handlers[address][0]
+        return self.network.handlers[address]
 
-    async def _delay(self, address: str) -> None:
-        delay = self.network.latency_s.get(address, 0.0) + self.network.latency_s.get(self.address, 0.0)
-        if delay:
-            await asyncio.sleep(delay)
+    def _latency(self, address: str) -> float:
+        return self.network.latency_s.get(address, 0.0) + self.network.latency_s.get(self.address, 0.0)
 
     async def _unary(self, address: str, call: Callable[[], Awaitable[T]], timeout: float) -> T:
         async def delayed() -> T:  # latency counts against the deadline, as on a real network
-            await self._delay(address)
+            delay = self._latency(address)
+            if delay:
+                await asyncio.sleep(delay)
             return await call()
 
         try:
             return _copy(await asyncio.wait_for(delayed(), timeout))
         except ProtocolError as exc:
-            raise PeerCallError(address, status_code_for(exc.reason), exc.reason, exc.detail) from None
+            raise refusal_error(address, exc) from None
         except TimeoutError:
             raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
-        handler = self._target(address)
-        return await self._unary(address, lambda: handler.handle_handshake(_copy(hello), Caller(self.node_id)),
-                                 timeout)
+        endpoint = self._target(address)
+        return await self._unary(address, lambda: endpoint.handshake(_copy(hello), self._caller()), timeout)
 
     async def gossip(self, address: str, digest: pb.Digest, timeout: float) -> pb.Digest:
-        handler = self._target(address)
-        return await self._unary(address, lambda: handler.handle_gossip(_copy(digest), Caller(self.node_id)),
-                                 timeout)
+        endpoint = self._target(address)
+        return await self._unary(address, lambda: endpoint.gossip(_copy(digest), self._caller()), timeout)
 
     async def push(self, address: str, chunks: AsyncIterator[pb.Chunk], timeout: float) -> pb.Receipt:
-        handler = self._target(address)
+        endpoint = self._target(address)
         network, src = self.network, self.address
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            raise PeerCallError(address, "INVALID_ARGUMENT", Reason.MALFORMED, "empty stream") from None
 
         async def wire() -> AsyncIterator[pb.Chunk]:
             async for chunk in chunks:
@@ -113,23 +120,22 @@ class MemoryTransport(Transport):
                 network.bytes_moved += len(chunk.data)
                 yield _copy(chunk)
 
-        if not first.HasField("start"):
-            raise PeerCallError(address, "INVALID_ARGUMENT", Reason.MALFORMED, "first chunk carries no start")
-        return await self._unary(address, lambda: handler.handle_push(_copy(first.start), wire(), Caller(self.node_id)),
-                                 timeout)
+        return await self._unary(address, lambda: endpoint.push(wire(), self._caller()), timeout)
 
     async def fetch(self, address: str, request: pb.StateRequest, timeout: float) -> AsyncIterator[pb.Chunk]:
-        handler = self._target(address)
-        deadline = asyncio.get_running_loop().time() + timeout
-        delay = self.network.latency_s.get(address, 0.0) + self.network.latency_s.get(self.address, 0.0)
+        endpoint = self._target(address)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = self._latency(address)
         if delay >= timeout:
             await asyncio.sleep(timeout)
             raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded")
-        await self._delay(address)
-        stream = handler.handle_fetch(_copy(request), Caller(self.node_id))
+        if delay:
+            await asyncio.sleep(delay)
+        stream = endpoint.fetch(_copy(request), self._caller())
         try:
             while True:
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TimeoutError
                 if not self.network.reachable(self.address, address):
@@ -141,8 +147,8 @@ class MemoryTransport(Transport):
                 self.network.bytes_moved += len(chunk.data)
                 yield _copy(chunk)
         except ProtocolError as exc:
-            raise PeerCallError(address, status_code_for(exc.reason), exc.reason, exc.detail) from None
+            raise refusal_error(address, exc) from None
         except TimeoutError:
             raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()

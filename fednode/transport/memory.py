@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from google.protobuf.message import Message
+
 from fednode.errors import ProtocolError, Reason
 from fednode.transport.base import (
     OPEN_GATE,
@@ -27,7 +29,7 @@ from fednode.transport.base import (
 from fednode.transport.endpoint import PeerEndpoint
 from fednode.v1 import peer_pb2 as pb
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Message)  # every hop carries a protobuf message
 
 
 @dataclass
@@ -55,9 +57,8 @@ class MemoryNetwork:
 
 
 def _copy(msg: T) -> T:
-    data = msg.SerializeToString()  # type: ignore[attr-defined]
-    clone = type(msg)()
-    clone.ParseFromString(data)  # type: ignore[attr-defined]
+    clone: T = type(msg)()
+    clone.ParseFromString(msg.SerializeToString())
     return clone
 
 

@@ -132,6 +132,23 @@ def test_unary_calls_deliver_both_ways_and_the_handler_sees_the_calling_node(con
     run(scenario)
 
 
+def test_calls_go_on_after_forget_and_set_identity(connect, pki):
+    """Both are the base interface (no transport is probed for them): a peer forgotten is dialled
+    afresh, a reloaded identity is used from the next connection; either way calls go on."""
+    async def scenario():
+        async with connect() as pair:
+            await call(pair, "gossip")
+            pair.client.forget(pair.address)
+            pair.client.forget(pair.nowhere)  # nothing known there: nothing to do
+            await call(pair, "gossip")
+            pair.client.set_identity(pki["a"])  # e.g. a reloaded (here: the same) certificate
+            pair.server.set_identity(pki["b"])
+            await call(pair, "handshake")
+            assert [c for _, c in pair.handler.digests] == [pair.caller] * 2
+            assert [c for _, c in pair.handler.hellos] == [pair.caller]
+    run(scenario)
+
+
 def test_every_rpc_passes_the_gate_once_with_the_calling_node(connect):
     async def scenario():
         async with connect() as pair:

@@ -11,7 +11,7 @@ import time
 import pytest
 from helpers_transport import Recorder, push_chunks, stream
 
-from fednode.transport.base import PeerCallError
+from fednode.transport.base import OPEN_GATE, PeerCallError
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
 from fednode.v1 import peer_pb2 as pb
 
@@ -21,9 +21,9 @@ async def pair(network: MemoryNetwork | None = None) -> tuple[MemoryNetwork, Mem
     """A client node `a` and a server node `b`, both listening."""
     network = network or MemoryNetwork()
     a, b = MemoryTransport(network, "a"), MemoryTransport(network, "b")
-    await a.serve(Recorder("a"), "mem:0")
+    await a.serve(Recorder("a"), "mem:0", OPEN_GATE)
     server = Recorder("b")
-    await b.serve(server, "mem:0")
+    await b.serve(server, "mem:0", OPEN_GATE)
     return network, a, b, server
 
 
@@ -41,8 +41,8 @@ def test_serve_allocates_distinct_addresses_or_uses_the_given_one():
     async def scenario():
         network = MemoryNetwork()
         x, y, z = (MemoryTransport(network, n) for n in "xyz")
-        ax, ay = await x.serve(Recorder("x"), "mem:0"), await y.serve(Recorder("y"), "")
-        az = await z.serve(Recorder("z"), "site-z:7700")
+        ax, ay = await x.serve(Recorder("x"), "mem:0", OPEN_GATE), await y.serve(Recorder("y"), "", OPEN_GATE)
+        az = await z.serve(Recorder("z"), "site-z:7700", OPEN_GATE)
         assert len({ax, ay, az}) == 3 and az == "site-z:7700"
         assert set(network.handlers) == {ax, ay, az}
         await y.close()
@@ -79,7 +79,7 @@ def test_partition_cuts_both_directions_and_heal_restores():
     async def scenario():
         network, a, b, server = await pair()
         c = MemoryTransport(network, "c")
-        await c.serve(Recorder("c"), "mem:0")
+        await c.serve(Recorder("c"), "mem:0", OPEN_GATE)
         network.partition([a.address], [b.address])
         for src, dst in ((a, b), (b, a)):
             with pytest.raises(PeerCallError) as info:

@@ -96,8 +96,10 @@ class Transport(abc.ABC):
     """Client calls to peers by address, plus serving a handler at a listen address."""
 
     @abc.abstractmethod
-    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
-        """Start serving `handler` behind `gate`; returns the bound address (port 0 is resolved)."""
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate) -> str:
+        """Start serving `handler` behind `gate` (required: a node passes its PeerGate, which checks the
+        caller against the trust store; OPEN_GATE says in the code that a tool or test checks no one);
+        returns the bound address (port 0 is resolved)."""
 
     @abc.abstractmethod
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello: ...

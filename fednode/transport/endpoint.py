@@ -19,7 +19,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from fednode.errors import ProtocolError, Reason
-from fednode.transport.base import OPEN_GATE, Caller, CallGate, PeerHandler
+from fednode.transport.base import Caller, CallGate, PeerHandler
 from fednode.v1 import peer_pb2 as pb
 
 M = TypeVar("M", bound=Message)
@@ -54,7 +54,7 @@ async def _decoded_stream(stream: AsyncIterator[pb.Chunk | Undecodable]) -> Asyn
 class PeerEndpoint:
     """`handler` as served to a caller the transport authenticated (`Caller`)."""
 
-    def __init__(self, handler: PeerHandler, gate: CallGate = OPEN_GATE):
+    def __init__(self, handler: PeerHandler, gate: CallGate):
         self.handler = handler
         self.gate = gate
 

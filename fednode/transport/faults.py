@@ -33,7 +33,7 @@ from pathlib import Path
 from fednode.errors import ConfigError, Reason
 from fednode.security.identity import NodeIdentity
 from fednode.store import atomic
-from fednode.transport.base import OPEN_GATE, CallGate, PeerCallError, PeerHandler, Transport
+from fednode.transport.base import CallGate, PeerCallError, PeerHandler, Transport
 from fednode.v1 import peer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class FaultyTransport(Transport):
             raise PeerCallError(address, "UNAVAILABLE", Reason.REASON_UNSPECIFIED, "link cut by the fault plan")
         return plan
 
-    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate) -> str:
         return await self.inner.serve(handler, listen, gate)
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:

@@ -24,7 +24,6 @@ from fednode.errors import NetworkError, ProtocolError, Reason
 from fednode.security import tls
 from fednode.security.identity import NodeIdentity
 from fednode.transport.base import (
-    OPEN_GATE,
     REASON_METADATA_KEY,
     Caller,
     CallGate,
@@ -172,7 +171,7 @@ class GrpcTransport(Transport):
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
-    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate) -> str:
         server = grpc.aio.server(options=[*tls.server_options(MAX_MESSAGE), ("grpc.so_reuseport", 0)])
         add_peer_servicer(PeerServicer(PeerEndpoint(handler, gate)), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -18,7 +18,6 @@ from google.protobuf.message import Message
 
 from fednode.errors import ProtocolError, Reason
 from fednode.transport.base import (
-    OPEN_GATE,
     Caller,
     CallGate,
     PeerCallError,
@@ -68,7 +67,7 @@ class MemoryTransport(Transport):
         self.node_id = node_id
         self.address = ""
 
-    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate = OPEN_GATE) -> str:
+    async def serve(self, handler: PeerHandler, listen: str, gate: CallGate) -> str:
         address = listen if listen and not listen.endswith(":0") else self.network.allocate()
         self.network.handlers[address] = PeerEndpoint(handler, gate)
         self.address = address

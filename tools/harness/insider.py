@@ -29,7 +29,7 @@ from fednode.security.identity import load_identity
 from fednode.security.trust import TrustStore
 from fednode.store.atomic import sha256_file
 from fednode.store.checkpoint import load_checkpoint, write_shared_checkpoint
-from fednode.transport.base import Caller, PeerCallError
+from fednode.transport.base import OPEN_GATE, Caller, PeerCallError
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.v1 import peer_pb2 as pb
 
@@ -69,7 +69,7 @@ class Insider:
 
     async def _make_transport(self) -> GrpcTransport:
         transport = GrpcTransport(self.identity)
-        self.address = await transport.serve(_Handler(self), self.address)
+        self.address = await transport.serve(_Handler(self), self.address, OPEN_GATE)  # the attacker admits anyone
         return transport
 
     def close(self) -> None:

@@ -29,6 +29,11 @@ class Recorder:
         self.fetch_stall_after: int | None = None  # a fetch hangs before serving this chunk index
         self.fetch_refuse_after: int | None = None  # a fetch is refused (NO_STATE) before this chunk index
         self.sent_chunks: list[pb.Chunk] = []
+        self.crash = False  # every handler raises an unexpected (non-protocol) error: a bug in the node
+
+    def _maybe_crash(self) -> None:
+        if self.crash:
+            raise RuntimeError("handler bug")
 
     def _refusal(self, detail: str) -> ProtocolError:
         assert self.refuse is not None
@@ -40,6 +45,7 @@ class Recorder:
 
     async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         await self._maybe_stall()
+        self._maybe_crash()
         if self.refuse is not None:
             raise self._refusal(f"{self.name} refuses")
         self.hellos.append((hello, caller))
@@ -47,6 +53,7 @@ class Recorder:
 
     async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         await self._maybe_stall()
+        self._maybe_crash()
         if self.refuse is not None:
             raise self._refusal(f"{self.name} refuses")
         self.digests.append((digest, caller))
@@ -56,6 +63,7 @@ class Recorder:
                           caller: Caller) -> pb.Receipt:
         got: list[pb.Chunk] = []
         async for chunk in chunks:
+            self._maybe_crash()
             if self.refuse is not None and len(got) == 1:
                 raise self._refusal("refused mid-stream")
             got.append(chunk)
@@ -64,6 +72,7 @@ class Recorder:
 
     async def handle_fetch(self, request: pb.StateRequest, caller: Caller) -> AsyncIterator[pb.Chunk]:
         self.fetches.append((request, caller))
+        self._maybe_crash()
         if self.refuse is not None:
             raise self._refusal("no state here")
         for i in range(request.from_chunk, len(self.state)):

@@ -179,6 +179,22 @@ def test_a_handler_refusal_arrives_typed_with_its_status_code_and_is_counted_onc
     run(scenario)
 
 
+@pytest.mark.parametrize("rpc", RPCS)
+def test_a_handler_bug_is_an_unknown_error_for_the_caller_and_the_server_serves_on(connect, rpc):
+    """An unexpected exception in the node's handler (a bug, not a refusal): the caller gets a
+    PeerCallError with gRPC's UNKNOWN and no reason (its round loop handles it like any failed
+    call), no traceback crosses, and the next call is served."""
+    async def scenario():
+        async with connect() as pair:
+            pair.handler.crash = True
+            error = await refusal(pair, rpc)
+            assert (error.code, error.reason) == ("UNKNOWN", Reason.REASON_UNSPECIFIED)
+            assert not error.unreachable and "Traceback" not in error.detail
+            pair.handler.crash = False
+            await call(pair, rpc)
+    run(scenario)
+
+
 def test_status_codes_for_reasons():
     assert status_code_for(Reason.TOKENIZER_MISMATCH) == "FAILED_PRECONDITION"
     assert status_code_for(Reason.BAD_CERTIFICATE) == "UNAUTHENTICATED"

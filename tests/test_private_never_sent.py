@@ -123,8 +123,7 @@ def recorded(tmp_path, monkeypatch):
         tasks = [start(cfg) for cfg in configs if cfg.node.name != LATE]
         try:
             early = list(daemons.values())
-            await wait_for(lambda: all(d.ctx is not None and d.ctx.learner is not None for d in early), 120,
-                           "start-up")
+            await wait_for(lambda: all(d.serving for d in early), 120, "start-up")
             await wait_for(lambda: all(len(d.ctx.membership.alive()) == N - 2 for d in early), 30, "membership")
             await wait_for(lambda: all(d.ctx.committed_round >= 4 and d.learner.level >= 1 for d in early), 120,
                            "four rounds and a negotiated growth")

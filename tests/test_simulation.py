@@ -94,19 +94,18 @@ def test_adaptive_mesh_negotiates_growth_and_a_low_ceiling_peer_keeps_its_slice(
         daemons = [Daemon(cfg, lambda ident: MemoryTransport(network, ident.node_id)) for cfg in configs]
         tasks = [asyncio.create_task(d.serve()) for d in daemons]
         try:
-            await wait_for(lambda: all(d.ctx is not None and d.ctx.learner is not None for d in daemons), 120, "start")
-            ctxs = [d.ctx for d in daemons]
-            high = [c for c in ctxs if c.node_id != "n3"]
-            await wait_for(lambda: all(c.learner.level >= 1 for c in high), 150, "a negotiated growth")
-            await wait_for(lambda: len({c.negotiator.committed for c in ctxs}) == 1, 30, "one agreement everywhere")
-            low = next(c for c in ctxs if c.node_id == "n3")
+            await wait_for(lambda: all(d.serving for d in daemons), 120, "start")
+            high = [d for d in daemons if d.ctx.node_id != "n3"]
+            await wait_for(lambda: all(d.learner.level >= 1 for d in high), 150, "a negotiated growth")
+            await wait_for(lambda: len({d.negotiator.committed for d in daemons}) == 1, 30, "one agreement everywhere")
+            low = next(d for d in daemons if d.ctx.node_id == "n3")
             assert low.learner.level == 0 and low.negotiator.ceiling == 0  # trains its own prefix ...
-            mark = low.committed_round
-            await wait_for(lambda: low.committed_round >= mark + 2, 60, "the low peer keeps committing")
-            for c in ctxs:  # every update that travelled was an exact ladder slice of the messenger
-                for r in c.journal.rounds():
-                    sent_levels.setdefault(c.node_id, set()).add(r.level)
-            return [(c.node_id, c.negotiator.committed, c.learner.level) for c in ctxs]
+            mark = low.ctx.committed_round
+            await wait_for(lambda: low.ctx.committed_round >= mark + 2, 60, "the low peer keeps committing")
+            for d in daemons:  # every update that travelled was an exact ladder slice of the messenger
+                for r in d.ctx.journal.rounds():
+                    sent_levels.setdefault(d.ctx.node_id, set()).add(r.level)
+            return [(d.ctx.node_id, d.negotiator.committed, d.learner.level) for d in daemons]
         finally:
             for d in daemons:
                 d.request_drain()

@@ -7,7 +7,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fednode.config import Config
 from fednode.errors import ProtocolError, StoreError, reason_name
@@ -23,10 +22,6 @@ from fednode.store.atomic import write_atomic
 from fednode.store.journal import Journal
 from fednode.transport.base import Transport
 from fednode.v1 import peer_pb2 as pb
-
-if TYPE_CHECKING:  # both import this module
-    from fednode.node.learner import Learner
-    from fednode.node.negotiator import Negotiator
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +57,6 @@ class NodeContext:
     last_loss: float = float("nan")
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
-    negotiator: Negotiator | None = None  # set once the learner is built
-    learner: Learner | None = None
 
     @property
     def node_id(self) -> str:

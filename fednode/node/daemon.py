@@ -139,6 +139,11 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
 
+    @property
+    def serving(self) -> bool:
+        """Started: ports bound, gossip and rounds running (a reload may run from now on)."""
+        return self._serving
+
     async def start(self) -> NodeContext:
         cfg = self.cfg
         self._lock = lock_data_dir(cfg.node.data_dir)
@@ -167,7 +172,8 @@ class Daemon:
 
         self.peer_service = PeerService(ctx, learner.validate, learner.update_spec())
         bound = await serve_peers(ctx, self.peer_service)
-        self._servers.append(await start_operator_server(ctx, cfg.operator_socket, self.request_drain))
+        self._servers.append(await start_operator_server(ctx, learner, self.negotiator, cfg.operator_socket,
+                                                         self.request_drain))
         if cfg.metrics.listen:
             self._start_metrics(ctx)
         # follows reloads
@@ -177,8 +183,6 @@ class Daemon:
         seeds = list(cfg.mesh.seeds) + [p["address"] for p in journal.peers()]
         self.gossiper = Gossiper(ctx, seeds)
         self.rounds = RoundLoop(ctx, learner, self.negotiator)
-        ctx.negotiator = self.negotiator
-        ctx.learner = learner
         log.info("serving", extra={"address": bound, "round": ctx.committed_round, "seeds": len(seeds)})
         return ctx
 

@@ -16,11 +16,13 @@ import grpc
 from fednode import __version__
 from fednode.errors import NetworkError
 from fednode.node.context import NodeContext
+from fednode.node.learner import Learner
+from fednode.node.negotiator import Negotiator
 from fednode.v1 import operator_pb2 as opb
 from fednode.v1 import operator_pb2_grpc
 
 
-def status_of(ctx: NodeContext) -> opb.StatusReply:
+def status_of(ctx: NodeContext, learner: Learner, negotiator: Negotiator) -> opb.StatusReply:
     counts = ctx.membership.counts()
     expires = ctx.identity.not_after.timestamp() - time.time()
     return opb.StatusReply(
@@ -29,11 +31,8 @@ def status_of(ctx: NodeContext) -> opb.StatusReply:
         peers_dead=counts["dead"], last_loss=ctx.last_loss, bytes_sent=ctx.metrics.total_sent,
         bytes_received=ctx.metrics.total_received, uptime_s=time.monotonic() - ctx.started_at,
         version=__version__, rounds_target=ctx.cfg.train.rounds, rejected=ctx.metrics.total_rejected,
-        cert_expires_in_s=expires, mode=ctx.learner.mode if ctx.learner else "",
-        ceiling=ctx.negotiator.ceiling if ctx.negotiator else 0,
-        quorum_level=ctx.negotiator.quorum_level if ctx.negotiator else 0,
-        trained_level=ctx.learner.level if ctx.learner else 0,
-        negotiation=ctx.negotiator.last_decision if ctx.negotiator else "")
+        cert_expires_in_s=expires, mode=learner.mode, ceiling=negotiator.ceiling,
+        quorum_level=negotiator.quorum_level, trained_level=learner.level, negotiation=negotiator.last_decision)
 
 
 def peers_of(ctx: NodeContext) -> opb.PeersReply:
@@ -46,12 +45,12 @@ def peers_of(ctx: NodeContext) -> opb.PeersReply:
 
 
 class OperatorServicer(operator_pb2_grpc.OperatorServicer):
-    def __init__(self, ctx: NodeContext, drain: Callable[[], None]):
-        self.ctx = ctx
+    def __init__(self, ctx: NodeContext, learner: Learner, negotiator: Negotiator, drain: Callable[[], None]):
+        self.ctx, self.learner, self.negotiator = ctx, learner, negotiator
         self.drain = drain
 
     async def Status(self, request, context):  # noqa: N802
-        return status_of(self.ctx)
+        return status_of(self.ctx, self.learner, self.negotiator)
 
     async def Peers(self, request, context):  # noqa: N802
         return peers_of(self.ctx)
@@ -61,7 +60,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServicer):
         return opb.DrainReply(accepted=True)
 
 
-async def start_operator_server(ctx: NodeContext, socket_path: Path, drain: Callable[[], None]) -> grpc.aio.Server:
+async def start_operator_server(ctx: NodeContext, learner: Learner, negotiator: Negotiator, socket_path: Path,
+                                drain: Callable[[], None]) -> grpc.aio.Server:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if len(str(socket_path)) > 100:
         raise NetworkError(f"operator socket path {socket_path} is longer than unix sockets allow (~100 chars): "
@@ -69,7 +69,7 @@ async def start_operator_server(ctx: NodeContext, socket_path: Path, drain: Call
     if socket_path.exists():
         socket_path.unlink()  # a stale socket from a crash; a live daemon would hold the data-dir lock
     server = grpc.aio.server()
-    operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(ctx, drain), server)
+    operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(ctx, learner, negotiator, drain), server)
     old_umask = os.umask(0o177)
     try:
         if server.add_insecure_port(f"unix:{socket_path}") == 0:

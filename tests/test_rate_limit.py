@@ -15,7 +15,6 @@ from fednode.config import parse_config, to_toml
 from fednode.errors import ProtocolError, Reason
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext
-from fednode.node.gate import PeerGate
 from fednode.node.peer_service import (
     GOSSIP_RATE_PER_S,
     MAX_PUSHES_PER_CALLER,
@@ -164,7 +163,7 @@ def test_a_gossip_flood_from_one_peer_is_refused_counted_and_others_are_served(t
     ctx, service = _service(tmp_path)
     clock = Clock()
     service.gossip_limit = gossip_limiter(ctx.cfg.mesh.gossip_interval_s, clock=clock)
-    served = PeerEndpoint(service, PeerGate(ctx.trust, ctx.metrics))  # as every transport serves it
+    served = PeerEndpoint(service, ctx.gate)  # as every transport serves it
 
     async def flood() -> tuple[int, int]:
         ok = refused = 0

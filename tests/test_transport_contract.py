@@ -28,6 +28,7 @@ from fednode.transport.base import (
     Transport,
     status_code_for,
 )
+from fednode.transport.endpoint import INTERNAL_DETAIL
 from fednode.transport.faults import FaultPlan, FaultyTransport
 from fednode.transport.grpc_transport import GrpcTransport
 from fednode.transport.memory import MemoryNetwork, MemoryTransport
@@ -180,16 +181,16 @@ def test_a_handler_refusal_arrives_typed_with_its_status_code_and_is_counted_onc
 
 
 @pytest.mark.parametrize("rpc", RPCS)
-def test_a_handler_bug_is_an_unknown_error_for_the_caller_and_the_server_serves_on(connect, rpc):
+def test_a_handler_bug_is_an_internal_error_for_the_caller_and_the_server_serves_on(connect, rpc):
     """An unexpected exception in the node's handler (a bug, not a refusal): the caller gets a
-    PeerCallError with gRPC's UNKNOWN and no reason (its round loop handles it like any failed
-    call), no traceback crosses, and the next call is served."""
+    PeerCallError INTERNAL with a fixed text and no reason (its round loop handles it like any
+    failed call; no exception message crosses), and the next call is served."""
     async def scenario():
         async with connect() as pair:
             pair.handler.crash = True
             error = await refusal(pair, rpc)
-            assert (error.code, error.reason) == ("UNKNOWN", Reason.REASON_UNSPECIFIED)
-            assert not error.unreachable and "Traceback" not in error.detail
+            assert (error.code, error.reason, error.detail) == ("INTERNAL", Reason.REASON_UNSPECIFIED, INTERNAL_DETAIL)
+            assert not error.unreachable and pair.gate.refusals == []  # a bug is not a refusal of the caller
             pair.handler.crash = False
             await call(pair, rpc)
     run(scenario)

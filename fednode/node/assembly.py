@@ -15,7 +15,6 @@ from fednode import PROTOCOL_VERSION
 from fednode.config import Config
 from fednode.mesh.membership import Membership
 from fednode.node.context import NodeContext
-from fednode.node.gate import PeerGate
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
 from fednode.security.heartbeat import HeartbeatChain
@@ -68,7 +67,7 @@ async def serve_peers(ctx: NodeContext, handler: PeerHandler) -> str:
     against the trust store, every refusal counted: `fednode.node.gate.PeerGate`); returns the bound
     address. An advertised port 0 becomes the bound port, and the Hello is signed again for it
     before any peer can see it."""
-    bound = await ctx.transport.serve(handler, ctx.cfg.node.listen, PeerGate(ctx.trust, ctx.metrics))
+    bound = await ctx.transport.serve(handler, ctx.cfg.node.listen, ctx.gate)
     if ctx.cfg.advertise.endswith(":0"):
         body = pb.HelloBody()
         body.CopyFrom(ctx.own_body)

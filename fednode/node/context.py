@@ -12,6 +12,7 @@ from fednode.config import Config
 from fednode.errors import ProtocolError, StoreError, reason_name
 from fednode.mesh.membership import Member, Membership
 from fednode.node.exchange import Recipient
+from fednode.node.gate import PeerGate
 from fednode.node.inbox import Inbox
 from fednode.observability.metrics import NodeMetrics
 from fednode.security.envelope import PayloadKey
@@ -57,6 +58,10 @@ class NodeContext:
     last_loss: float = float("nan")
     started_at: float = field(default_factory=time.monotonic)
     draining: bool = False
+    gate: PeerGate = field(init=False)  # the one check of every caller, and the count of every refusal
+
+    def __post_init__(self) -> None:
+        self.gate = PeerGate(self.trust, self.metrics)
 
     @property
     def node_id(self) -> str:

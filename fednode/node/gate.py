@@ -24,10 +24,15 @@ REVOKED_LOG_EVERY_S = 60.0
 TIMING_REASONS = frozenset({Reason.STALE_ROUND, Reason.NOT_READY, Reason.UNKNOWN_PEER})
 
 
+# Refusals a caller can repeat faster than the rate limits allow them: a revoked node keeps calling,
+# a flooder floods, and a request that does not decode is refused before the rate limiter runs.
+QUIET_REASONS = frozenset({Reason.RATE_LIMITED, Reason.MALFORMED})
+
+
 class RefusalLog:
     """Counts every refusal (`fednode_rejected_messages_total` by reason) and logs it with the peer;
-    a revoked node keeps calling and a flooder keeps flooding, so those are counted each time but
-    logged once a minute per (peer, reason)."""
+    those a caller can repeat at will (revoked, QUIET_REASONS) are counted each time but logged once
+    a minute per (peer, reason), so one member cannot flood the node's log."""
 
     def __init__(self, metrics: NodeMetrics):
         self.metrics = metrics
@@ -35,7 +40,7 @@ class RefusalLog:
 
     def __call__(self, exc: ProtocolError, peer: str | None) -> None:
         self.metrics.reject(reason_name(exc.reason))
-        if isinstance(exc, RevokedCertificate) or exc.reason == Reason.RATE_LIMITED:
+        if isinstance(exc, RevokedCertificate) or exc.reason in QUIET_REASONS:
             now = time.monotonic()
             key = (peer or "?", exc.reason)
             if now - self._quiet_logged.get(key, -REVOKED_LOG_EVERY_S) < REVOKED_LOG_EVERY_S:

@@ -22,7 +22,6 @@ from fednode.errors import ProtocolError, Reason
 from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
 from fednode.node.gate import TIMING_REASONS as TIMING_REASONS  # where fednode.node.rounds reads it
-from fednode.node.gate import PeerGate
 from fednode.node.inbox import Admission
 from fednode.security import bounds
 from fednode.security.hello import check_compatible, verify_hello
@@ -132,7 +131,7 @@ class PeerService:
         self._limits_for = (ctx.cfg.mesh.gossip_interval_s, ctx.cfg.train.round_timeout_s)
         self._fetches: dict[str, int] = {}  # caller -> FetchState streams in flight
         self._shared_sha: dict[str, str] = {}  # shared checkpoint file -> sha256 (files never change)
-        self.gate = PeerGate(ctx.trust, ctx.metrics)  # re-checks callers mid-stream (revoked while streaming)
+        self.gate = ctx.gate  # the node's, served in front of every call; re-checks callers mid-stream
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
         """A refusal made inside a call that did not end it (a gossiped record refused while the

@@ -12,6 +12,7 @@ trailing metadata; the in-memory twin: the caller's `PeerCallError`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,11 +20,21 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from fednode.errors import ProtocolError, Reason
-from fednode.transport.base import Caller, CallGate, PeerHandler
+from fednode.transport.base import Caller, CallGate, PeerCallError, PeerHandler
 from fednode.v1 import peer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# What a caller is told when the handler fails unexpectedly (a bug, not a refusal): a fixed text, so
+# no exception message or internal detail crosses to a peer; the traceback is in this node's log.
+INTERNAL_DETAIL = "internal error in the peer's handler (its log has the traceback)"
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R")
+
+
+class InternalFault(Exception):
+    """The handler failed unexpectedly; transports answer INTERNAL with `INTERNAL_DETAIL`."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,10 @@ class PeerEndpoint:
         except ProtocolError as exc:
             self.gate.refused(exc, caller)
             raise
+        except PeerCallError:  # the caller's own side of an in-process stream (the twin): not ours
+            raise
+        except Exception as exc:
+            raise _internal(exc, caller) from None
 
     async def _handshake(self, request: pb.SignedHello | Undecodable, caller: Caller) -> pb.SignedHello:
         self.gate.admit(caller)
@@ -111,3 +126,12 @@ class PeerEndpoint:
         except ProtocolError as exc:
             self.gate.refused(exc, caller)
             raise
+        except PeerCallError:
+            raise
+        except Exception as exc:
+            raise _internal(exc, caller) from None
+
+
+def _internal(exc: Exception, caller: Caller) -> InternalFault:
+    log.error("unexpected error serving %s: %s: %s", caller.node_id or "?", type(exc).__name__, exc, exc_info=exc)
+    return InternalFault()

@@ -33,7 +33,7 @@ from fednode.transport.base import (
     attached_revocation_list,
     status_code_for,
 )
-from fednode.transport.endpoint import PeerEndpoint, Undecodable
+from fednode.transport.endpoint import INTERNAL_DETAIL, InternalFault, PeerEndpoint, Undecodable
 from fednode.v1 import peer_pb2 as pb
 from fednode.v1 import peer_pb2_grpc
 
@@ -101,6 +101,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         except ProtocolError as exc:
             await _abort(context, exc)
             raise  # abort raises; never reached
+        except InternalFault:
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+            raise
 
     async def Gossip(self, request: pb.Digest | Undecodable,  # type: ignore[override]  # noqa: N802
                      context: grpc.aio.ServicerContext) -> pb.Digest:
@@ -109,6 +112,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
         except ProtocolError as exc:
             await _abort(context, exc)
             raise  # abort raises; never reached
+        except InternalFault:
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+            raise
 
     async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # type: ignore[override]  # noqa: N802,E501
                             context: grpc.aio.ServicerContext) -> pb.Receipt:
@@ -118,6 +124,9 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             await _drain(request_iterator)
             await _abort(context, exc)
             raise  # abort raises; never reached
+        except InternalFault:
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+            raise
 
     async def FetchState(self, request: pb.StateRequest | Undecodable,  # type: ignore[override]  # noqa: N802
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
@@ -126,6 +135,8 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                 yield chunk
         except ProtocolError as exc:
             await _abort(context, exc)
+        except InternalFault:
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
 
 
 def add_peer_servicer(servicer: PeerServicer, server: grpc.aio.Server) -> None:

@@ -10,7 +10,6 @@ latency) look to the caller like the network's UNAVAILABLE / DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -26,10 +25,8 @@ from fednode.transport.base import (
     Transport,
     refusal_error,
 )
-from fednode.transport.endpoint import PeerEndpoint
+from fednode.transport.endpoint import INTERNAL_DETAIL, InternalFault, PeerEndpoint
 from fednode.v1 import peer_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)  # every hop carries a protobuf message
 
@@ -62,14 +59,6 @@ def _copy(msg: T) -> T:
     clone: T = type(msg)()
     clone.ParseFromString(msg.SerializeToString())
     return clone
-
-
-def _handler_bug(address: str, exc: Exception) -> PeerCallError:
-    """What gRPC makes of an unexpected exception in a server handler: the server logs it with its
-    traceback, the caller gets UNKNOWN and no reason. The twin does the same, so a simulated mesh
-    meets a node's bug as a real one would (a failed call, not an exception in the caller)."""
-    log.error("unexpected error in the handler at %s", address, exc_info=exc)
-    return PeerCallError(address, "UNKNOWN", Reason.REASON_UNSPECIFIED, f"Unexpected {type(exc).__name__}: {exc}")
 
 
 class MemoryTransport(Transport):
@@ -111,10 +100,8 @@ class MemoryTransport(Transport):
             raise refusal_error(address, exc) from None
         except TimeoutError:
             raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
-        except PeerCallError:
-            raise
-        except Exception as exc:
-            raise _handler_bug(address, exc) from None
+        except InternalFault:
+            raise PeerCallError(address, "INTERNAL", Reason.REASON_UNSPECIFIED, INTERNAL_DETAIL) from None
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         endpoint = self._target(address)
@@ -165,9 +152,7 @@ class MemoryTransport(Transport):
             raise refusal_error(address, exc) from None
         except TimeoutError:
             raise PeerCallError(address, "DEADLINE_EXCEEDED", Reason.REASON_UNSPECIFIED, "deadline exceeded") from None
-        except PeerCallError:
-            raise
-        except Exception as exc:
-            raise _handler_bug(address, exc) from None
+        except InternalFault:
+            raise PeerCallError(address, "INTERNAL", Reason.REASON_UNSPECIFIED, INTERNAL_DETAIL) from None
         finally:
             await stream.aclose()

@@ -161,7 +161,7 @@ async def _serve_mtls(spec: ReceiverSpec, reporter: _Reporter) -> tuple[str, Cal
                            Compatibility(BENCH_TOKENIZER, BENCH_FAMILY))
     ctx.inbox.open(ROUND)
     timed = _TimedValidator(VALIDATORS[spec.validate])
-    service = PeerService(ctx, timed)  # it counts and logs its own refusals
+    service = PeerService(ctx, timed)  # the node's gate (ctx.gate) counts and logs the refusals
     try:
         bound = await serve_peers(ctx, MeasuredPeerHandler(service, ctx, reporter, timed))
     except BaseException:

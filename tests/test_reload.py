@@ -76,12 +76,12 @@ LIVE_PROBES = {
                                     and _limits(d)[0] == gossip_limiter(0.2).rate),
     ("mesh", "suspect_after_s"): (2.5, lambda d: d.ctx.membership.suspect_after == 2.5),
     ("mesh", "dead_after_s"): (6.5, lambda d: d.ctx.membership.dead_after == 6.5),
-    ("mesh", "fanout"): (4, lambda d: d.ctx.cfg.mesh.fanout == 4),  # the gossiper reads it each tick
+    ("mesh", "fanout"): (4, lambda d: d.gossiper.fanout == 4),
     ("limits", "max_payload_mib"): (3, lambda d: d.ctx.max_payload == 3 << 20),  # state fetches and pushes
     ("limits", "chunk_kib"): (48, lambda d: d.ctx.chunk_size == 48 << 10),  # every stream it sends
     ("train", "round_timeout_s"): (9.0, lambda d: _limits(d)[1] == fetch_limiter(9.0).rate),
-    ("train", "catchup_lag"): (5, lambda d: d.ctx.cfg.train.catchup_lag == 5),  # read per round by the loop
-    ("train", "keep_checkpoints"): (2, lambda d: d.ctx.cfg.train.keep_checkpoints == 2),  # read per commit
+    ("train", "catchup_lag"): (5, lambda d: d.rounds.catchup_lag == 5),
+    ("train", "keep_checkpoints"): (2, lambda d: d.rounds.keep_checkpoints == 2),
     ("log", "level"): ("debug", lambda d: logging.getLogger().level == logging.DEBUG),
 }
 

@@ -30,7 +30,11 @@ class Gossiper:
 
     @property
     def interval(self) -> float:
-        return self.ctx.cfg.mesh.gossip_interval_s
+        return self.ctx.cfg.mesh.gossip_interval_s  # read each tick: a reload changes it
+
+    @property
+    def fanout(self) -> int:
+        return self.ctx.cfg.mesh.fanout
 
     async def run(self) -> None:
         while not self.stop.is_set():
@@ -45,7 +49,7 @@ class Gossiper:
         ctx.membership.tick()
         known = {m.address for m in ctx.membership.members.values()}
         unknown_seeds = [s for s in self.seeds if s not in known]
-        peers = ctx.membership.gossip_targets(ctx.cfg.mesh.fanout, self.rng)
+        peers = ctx.membership.gossip_targets(self.fanout, self.rng)
         await asyncio.gather(*(self.meet(s) for s in unknown_seeds),
                              *(self.exchange(m.address) for m in peers))
         counts = ctx.membership.counts()
@@ -93,7 +97,7 @@ class Gossiper:
         """Tell a few peers we are leaving so they stop waiting for us at once."""
         ctx = self.ctx
         ctx.membership.leave(sign_farewell(ctx.identity, ctx.own_body.incarnation))
-        targets = ctx.membership.gossip_targets(max(3, ctx.cfg.mesh.fanout), self.rng)
+        targets = ctx.membership.gossip_targets(max(3, self.fanout), self.rng)
         await asyncio.gather(*(self.exchange(m.address) for m in targets))
 
     def _note_seed_error(self, address: str, message: str) -> None:

@@ -68,6 +68,15 @@ class RoundLoop:
     def target(self) -> int:
         return self.ctx.cfg.train.rounds
 
+    # live keys (a reload changes them): read where they are used, never kept
+    @property
+    def catchup_lag(self) -> int:
+        return self.ctx.cfg.train.catchup_lag
+
+    @property
+    def keep_checkpoints(self) -> int:
+        return self.ctx.cfg.train.keep_checkpoints
+
     def finished(self) -> bool:
         return self.target > 0 and self.ctx.committed_round >= self.target
 
@@ -127,7 +136,7 @@ class RoundLoop:
         missed = self.missed_activation
         resync = missed or catchup.diverged(self.far, ctx.committed_round, len(claims)) \
             or self.far_streak >= catchup.ISOLATED_ROUNDS
-        plan = catchup.plan(ctx.committed_round, 0 if resync else ctx.cfg.train.catchup_lag, claims,
+        plan = catchup.plan(ctx.committed_round, 0 if resync else self.catchup_lag, claims,
                             self.blacklisted())
         if plan is None:
             return
@@ -394,7 +403,7 @@ class RoundLoop:
             ctx.last_loss = record.loss_after
         ctx.metrics.round.set(record.round)
         ctx.membership.tick(last_round=record.round)
-        keep = {r.checkpoint for r in ctx.journal.rounds()[-ctx.cfg.train.keep_checkpoints:]}
+        keep = {r.checkpoint for r in ctx.journal.rounds()[-self.keep_checkpoints:]}
         prune_checkpoints(ctx.checkpoint_dir, keep | {shared_name(name) for name in keep})
 
     async def _push(self, member, wire: tuple[dict, dict[str, str]], round_: int, deadline: float) -> int:

@@ -105,11 +105,15 @@ def test_tiny_transport_benchmark_reports_one_json_line(tmp_path):
 
 
 def test_interrupt_stops_receivers_and_removes_temp_dir(tmp_path):
-    # SIGINT back to its default in the child: a test run started in the background (nohup, CI
-    # shells) inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--size-mib", "32", "--repeats", "1000"], cwd=ROOT,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C's KeyboardInterrupt in the child even when this test runs in the background: a
+    # non-interactive shell starts background jobs with SIGINT ignored (nohup, CI), the child
+    # inherits that, and Python then never raises KeyboardInterrupt. The child restores the handler
+    # itself before running the benchmark (no preexec_fn: it runs gRPC's fork handlers, grpc#43055).
+    args = [str(SCRIPT), "--size-mib", "32", "--repeats", "1000"]
+    restore_sigint = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      f"sys.argv = {args!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", restore_sigint], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr = ""
     try:
         deadline = time.monotonic() + 45

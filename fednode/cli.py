@@ -8,7 +8,6 @@ inside the commands that need them, so `--help` is instant.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -170,14 +169,11 @@ def run_cmd(config_path: Path, exit_when_done: bool) -> None:
     from fednode.launcher import die_with_launcher
 
     die_with_launcher()
-    from fednode.observability.logs import setup_logging
+    from fednode.observability.logs import quiet_progress_bars, setup_logging
 
     cfg = load_config(config_path)
     setup_logging(cfg.node.name, cfg.log.level, cfg.log.format)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in the daemon's log stream
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    quiet_progress_bars()
     from fednode.node.daemon import Daemon
 
     sys.exit(asyncio.run(Daemon(cfg, exit_when_done=exit_when_done).run()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -49,6 +50,15 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars from transformers or the hub in a daemon's log stream (journald would keep
+    every redraw as a line)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def setup_logging(node: str, level: str = "info", fmt: str = "auto", stream=None) -> None:

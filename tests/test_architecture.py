@@ -87,3 +87,40 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _private_imports() -> list[str]:
+    """`from fednode.x import _name` anywhere in the package (any scope): a module reaching into
+    another's private helpers, which is how pki.py and revocation.py became a cycle."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fednode"):
+                found += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert _private_imports() == []
+
+
+WRITES = ("write_bytes", "write_text")
+
+
+def test_security_files_are_written_only_through_the_atomic_store():
+    """Keys, certificates and revocation lists are replaced whole or not at all
+    (fednode.store.atomic): no direct write, and no open() for writing, in fednode/security."""
+    direct = []
+    for path in sorted((PACKAGE / "security").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in WRITES:
+                direct.append(f"{path.name}:{node.lineno} .{func.attr}()")
+            if isinstance(func, ast.Name) and func.id == "open" and any(
+                    isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax+")
+                    for a in [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "mode")]):
+                direct.append(f"{path.name}:{node.lineno} open(..., write)")
+    assert direct == []

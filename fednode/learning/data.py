@@ -241,7 +241,7 @@ class TokenDataset:
         patterns = include_patterns(include, languages)
         sel = select_data_files(Path(root), patterns, exclude, max_file_kib)
         cut: dict[str, int] = {}
-        ids = _tokenize_files(sel.files, tokenizer, max_tokens, report=cut)
+        ids = tokenize_files(sel.files, tokenizer, max_tokens, report=cut)
         n_blocks = len(ids) // seq_len
         if n_blocks < 2:
             raise ConfigError(
@@ -315,7 +315,7 @@ def _log_selection(sel: Selection, patterns: Sequence[str], tokens: int, cut: di
                     "data_truncated_files": cut.get("unused_files", 0)})
 
 
-def _tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int | None,
+def tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int | None,
                     report: dict[str, int] | None = None) -> list[int]:
     """Concatenate file token ids with eos after each file, stopping at max_tokens; `report`
     gets used_files, unused_files (never read) and dropped_tokens (cut from the tail)."""

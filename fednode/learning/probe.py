@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from fednode.errors import ConfigError
-from fednode.learning.data import _tokenize_files, stdlib_root
+from fednode.learning.data import stdlib_root, tokenize_files
 
 # Pure-Python modules whose source is byte-identical in CPython 3.11, 3.12 and 3.13 (checked:
 # PROBE_TEXT_SHA256), so sites on different interpreters build the same probe.
@@ -75,7 +75,7 @@ def probe_blocks(tokenizer, n: int = DEFAULT_BLOCKS, seq_len: int = DEFAULT_SEQ_
     """n evenly spaced blocks [n, seq_len] of the tokenized probe modules (deterministic)."""
     if n < 1 or seq_len < 2:
         raise ValueError(f"need n >= 1 blocks ({n}) of seq_len >= 2 tokens ({seq_len})")
-    ids = _tokenize_files(probe_files(), tokenizer, None)
+    ids = tokenize_files(probe_files(), tokenizer, None)
     total = len(ids) // seq_len
     if total < n:
         raise ValueError(f"the probe text holds {total} blocks of {seq_len} tokens: ask for at most that many")

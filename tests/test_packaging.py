@@ -42,3 +42,9 @@ def test_fednode_bench_without_the_extra_names_it_in_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "psutil" in lines[0] and "fednode[bench]" in lines[0], result.stderr
+
+
+def test_the_licence_file_is_the_licence_the_package_declares():
+    assert PROJECT["license"] == {"text": "Apache-2.0"}
+    head = (ROOT / "LICENSE").read_text().split("\n", 3)[:3]
+    assert "Apache License" in head[0] and "Version 2.0" in head[1], head

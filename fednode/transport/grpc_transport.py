@@ -94,7 +94,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
     def __init__(self, endpoint: PeerEndpoint):
         self.endpoint = endpoint
 
-    async def Handshake(self, request: pb.SignedHello | Undecodable,  # type: ignore[override]  # noqa: N802
+    async def Handshake(self, request: pb.SignedHello | Undecodable,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> pb.SignedHello:
         try:
             return await self.endpoint.handshake(request, _caller(context))
@@ -105,7 +105,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
             raise
 
-    async def Gossip(self, request: pb.Digest | Undecodable,  # type: ignore[override]  # noqa: N802
+    async def Gossip(self, request: pb.Digest | Undecodable,  # noqa: N802
                      context: grpc.aio.ServicerContext) -> pb.Digest:
         try:
             return await self.endpoint.gossip(request, _caller(context))
@@ -116,7 +116,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
             raise
 
-    async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # type: ignore[override]  # noqa: N802,E501
+    async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # noqa: N802,E501
                             context: grpc.aio.ServicerContext) -> pb.Receipt:
         try:
             return await self.endpoint.push(request_iterator, _caller(context))
@@ -128,7 +128,7 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
             raise
 
-    async def FetchState(self, request: pb.StateRequest | Undecodable,  # type: ignore[override]  # noqa: N802
+    async def FetchState(self, request: pb.StateRequest | Undecodable,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
         try:
             async for chunk in self.endpoint.fetch(request, _caller(context)):
@@ -256,7 +256,7 @@ class GrpcTransport(Transport):
         return channel
 
     def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
-        return peer_pb2_grpc.PeerStub(self._channel(address))
+        return peer_pb2_grpc.PeerStub(self._channel(address))  # type: ignore[no-untyped-call]  # generated
 
     async def handshake(self, address: str, hello: pb.SignedHello, timeout: float) -> pb.SignedHello:
         try:

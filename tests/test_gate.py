@@ -112,3 +112,37 @@ def test_other_refusals_are_logged_every_time():
     finally:
         logger.removeHandler(handler)
     assert len(seen) == 3 and all(r.levelno == logging.WARNING for r in seen)
+
+
+def test_the_gate_refuses_an_unreadable_certificate_and_a_name_that_is_not_the_certificates(revoked_mesh):
+    from fednode.transport.base import Caller
+
+    ids, trust = revoked_mesh
+    gate = PeerGate(trust, NodeMetrics("b"))
+    gate.admit(Caller("c", ids["c"].cert_der))  # in good standing
+    gate.admit(Caller("twin-node"))  # no TLS at all (the in-memory twin): nothing to check
+    for caller, says in [(Caller("c", b""), "cannot be read"), (Caller("x", ids["c"].cert_der), "is not its")]:
+        with pytest.raises(ProtocolError, match=says) as info:
+            gate.admit(caller)
+        assert info.value.reason == Reason.BAD_CERTIFICATE
+
+
+def test_a_certificate_of_another_ca_never_reaches_the_gate_or_the_handler(revoked_mesh, tmp_path):
+    ids, trust = revoked_mesh
+    outsider = make_mesh(tmp_path / "other-ca", ("c",))["c"]  # the right name, the wrong CA
+    metrics, handler = NodeMetrics("b"), Recorder("b")
+
+    async def scenario() -> PeerCallError:
+        server, client = GrpcTransport(ids["b"]), GrpcTransport(outsider)
+        address = await server.serve(handler, "127.0.0.1:0", PeerGate(trust, metrics))
+        try:
+            with pytest.raises(PeerCallError) as info:
+                await client.gossip(address, pb.Digest(sender_id="c"), 5.0)
+            return info.value
+        finally:
+            await client.close(0)
+            await server.close(0)
+
+    error = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert error.code == "UNAVAILABLE" and error.reason == Reason.REASON_UNSPECIFIED  # refused in the TLS handshake
+    assert handler.digests == [] and metrics.refusals() == {}

@@ -62,9 +62,17 @@ class PeerGate:
 
     def admit(self, caller: Caller) -> None:
         """Raises `RevokedCertificate` (with the list, for the caller) or another BAD_CERTIFICATE
-        refusal. A caller without a certificate (the in-memory twin) has nothing to check."""
-        if caller.certificate_der:
-            self.trust.verify_certificate(caller.certificate_der)
+        refusal, also when the certificate names another node than the one TLS authenticated. A
+        caller without TLS (the in-memory twin: certificate None) has nothing to check."""
+        if caller.certificate_der is None:
+            return
+        if not caller.certificate_der:
+            raise ProtocolError(Reason.BAD_CERTIFICATE, f"the TLS certificate of caller {caller.node_id or '?'} "
+                                                        f"cannot be read: present a PEM/DER X.509 certificate")
+        name = self.trust.verify_certificate(caller.certificate_der)
+        if caller.node_id is not None and name != caller.node_id:
+            raise ProtocolError(Reason.BAD_CERTIFICATE, f"the caller's TLS name {caller.node_id!r} is not its "
+                                                        f"certificate's {name!r}: one certificate per node")
 
     def refused(self, exc: ProtocolError, caller: Caller) -> None:
         self.log(exc, caller.node_id)

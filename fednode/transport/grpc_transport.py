@@ -48,7 +48,9 @@ RETIRE_CHANNELS_AFTER_S = 90.0  # old client channels outlive a certificate relo
 
 
 def _caller(context: grpc.aio.ServicerContext) -> Caller:
-    return Caller(tls.peer_node_id(context), tls.peer_certificate_der(context))
+    """The TLS-authenticated caller. A certificate TLS accepted but we cannot read is b"" (never
+    None, which means "no TLS" to the gate): the gate refuses it instead of waving it through."""
+    return Caller(tls.peer_node_id(context), tls.peer_certificate_der(context) or b"")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:

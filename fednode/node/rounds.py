@@ -367,7 +367,8 @@ class RoundLoop:
         try:
             return await asyncio.to_thread(self.learner.merge, contributions, peer_losses)
         except Exception as exc:  # noqa: BLE001 - peers' tensors went in: contain it, keep our own state
-            peers = ",".join(getattr(exc, "peers", None) or sorted(c.sender for c in contributions))
+            named = exc.peers if isinstance(exc, MergeRefused) else []
+            peers = ",".join(named or sorted(c.sender for c in contributions))
             reason = reason_name(exc.reason) if isinstance(exc, ProtocolError) else "MERGE_FAILED"
             if isinstance(exc, MergeRefused):
                 ctx.metrics.reject(reason)

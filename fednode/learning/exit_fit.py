@@ -162,8 +162,8 @@ def fit_exit(draft, private, layers: int, train: ExitSet, held: ExitSet, *, step
     try:
         for step in range(1, steps + 1):
             pick = torch.randint(0, len(train), (min(batch, len(train)),), generator=g)
-            logits = _head_logits(draft, tail(inputs_embeds=train.states[pick], use_cache=False).last_hidden_state)
-            logits = logits[:, train.start:].float()
+            hidden = tail(inputs_embeds=train.states[pick], use_cache=False).last_hidden_state
+            logits = _head_logits(draft, hidden[:, train.start:]).float()  # the head only where the loss counts
             if train.logp is None:
                 labels = train.top1[pick, train.start:].flatten()
                 loss = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE)
@@ -177,7 +177,9 @@ def fit_exit(draft, private, layers: int, train: ExitSet, held: ExitSet, *, step
             opt.step()
             schedule.step()
             if progress is not None and step % 50 == 0:
-                progress(f"exit fit: step {step}/{steps}, {loss_kind} loss {loss.item():.3f}")
+                progress(f"exit fit: step {step}/{steps}, {loss_kind} loss {loss.item():.3f}, held-out agreement "
+                         f"{exit_agreement(draft, private, layers, held):.3f}")
+                tail.train()
     finally:
         for p in frozen:
             p.requires_grad_(True)

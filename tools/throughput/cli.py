@@ -94,11 +94,11 @@ class _Say:
                    "[default: 200 tiny-cpu, 200 smollm2-135m, 2 micro].")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft self: draft over the N most frequent local-code tokens only (a cheaper head); 0: all.")
-@click.option("--exit-data", type=click.Choice(("code", "greedy")), default="code", show_default=True,
+@click.option("--exit-data", type=click.Choice(("code", "greedy")), default=None,
               help="--draft self: what the exit learns P on: local code (KL), or P's own greedy continuations "
-                   "of local-code prompts (self-distillation; never HumanEval).")
-@click.option("--exit-loss", type=click.Choice(("kl", "top1")), default="kl", show_default=True,
-              help="--exit-data greedy: KL to P's distribution, or cross-entropy to P's argmax.")
+                   "of local-code prompts (self-distillation; never HumanEval) [default: greedy].")
+@click.option("--exit-loss", type=click.Choice(("kl", "top1")), default=None,
+              help="--exit-data greedy: KL to P's distribution, or cross-entropy to P's argmax [default: kl].")
 @click.option("--exit-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="--draft self: the exit's learning rate [default: 1e-3 code, 3e-3 greedy].")
 @click.option("--greedy-prompts", type=click.IntRange(min=2), default=None,
@@ -109,6 +109,8 @@ class _Say:
               help="Drafted generation loop: own (one draft forward per draft token, one private-model "
                    "forward per step) or transformers' assisted generation [default: own for --draft self, "
                    "transformers for a messenger].")
+@click.option("--compare-loops", is_flag=True, default=False,
+              help="Also time the other drafted loop on the same draft and prompts (reported as other_loop).")
 @click.option("--draft-length", default="auto", show_default=True,
               help="Draft tokens per step: auto (chosen from acceptance and cost on 2 prompts outside the "
                    "measured ones) or a fixed N.")
@@ -129,8 +131,9 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_steps: int | None, draft_level: int | None, from_run: Path | None, prompt_tokens: int,
                train_steps: int | None, seed: int, device: str, threads: int | None, cache: Path | None,
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
-               draft_length: str, exit_data: str, exit_loss: str, exit_lr: float | None,
-               greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None) -> None:
+               draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
+               greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
+               compare_loops: bool) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -145,12 +148,14 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
 
     sizes = parse_batch_sizes(batch_sizes)
     length = parse_draft_length(draft_length)
-    greedy_set = exit_loss != "kl" or greedy_prompts is not None or greedy_tokens is not None
-    if greedy_set and exit_data != "greedy":
-        raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
-    self_set = exit_data != "code" or exit_lr is not None
-    if self_set and draft_kind != "self":
+    from tools.throughput.self_draft import DEFAULT_EXIT_DATA, DEFAULT_GREEDY_LOSS
+
+    if draft_kind != "self" and (exit_data is not None or exit_lr is not None):
         raise click.UsageError("--exit-data and --exit-lr apply to --draft self")
+    exit_data = exit_data or DEFAULT_EXIT_DATA
+    if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
+        raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
+    exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
     if draft_kind == "self" and from_run is not None:
         raise click.UsageError("--draft self takes the preset's private model, not a run's: drop --from-run "
                                "(or draft the run by its messenger with --draft messenger)")
@@ -181,7 +186,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    exit_kind=exit_kind, exit_steps=EXIT_STEPS[preset] if exit_steps is None else exit_steps,
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
-                   greedy_tokens=greedy_tokens or 0)
+                   greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -34,6 +34,7 @@ class GenRun:
     calls: int = 0
     outputs: list[list[int]] = field(default_factory=list)
     acceptance: Acceptance | None = None
+    split: dict[str, float] = field(default_factory=dict)  # the own loop: seconds in target / draft forwards
 
     @property
     def tokens_per_s(self) -> float:

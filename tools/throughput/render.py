@@ -37,6 +37,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "param_ratio": result["param_ratio"], "draft_kind": a["draft_kind"], "draft_length": a["draft_length"],
         "alpha": a["alpha"], "cost": a["cost"], "head_coverage": a["head_coverage"],
         "bound": a["bound"], "best_bound": a["best_bound"], "loop": a.get("loop"),
+        "other_loop": a.get("other_loop"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
         "generated_tokens": result["draft_training"].get("generated_tokens"),

@@ -62,6 +62,7 @@ class Options:
     exit_lr: float | None = None  # self: the exit's learning rate [default: self_draft.EXIT_LR]
     greedy_prompts: int = 0  # self, greedy data: local-code prompts P continues (0: the default)
     greedy_tokens: int = 0  # self, greedy data: tokens P generates per prompt (0: the default)
+    compare_loops: bool = False  # also time the other drafted loop on the same draft and prompts
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -176,6 +177,14 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                                                        "assisted generation and the own loop); not measured"})
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
+    other = None
+    if opts.compare_loops and tokenizers is None:
+        other_loop = "transformers" if loop == "own" else "own"
+        say(f"the same drafting with the {other_loop} loop, batch 1 (--compare-loops)")
+        again = time_drafted(other_loop, pair.private, draft, prompts, config, length, progress=say)
+        other = {"loop": other_loop, "tokens_per_s": again.tokens_per_s,
+                 "draft_speedup": metrics.draft_speedup(again.tokens_per_s, plain_b1.tokens_per_s),
+                 "identical": metrics.compare_outputs(plain_b1.outputs, again.outputs).identical}
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
     alpha = estimate_alpha(assisted.acceptance, length)
     index = getattr(getattr(draft, "lm_head", None), "index", None)  # a self-draft over a subset head
@@ -189,8 +198,25 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
-               "settings": assistant_settings(drafting), "loop": loop, **acc}
+               "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
+               "loop_split": _split(assisted, plain_b1, length, alpha), **acc}
     return rows, summary
+
+
+def _split(run, plain, length: int, alpha: float | None) -> dict[str, float | None] | None:
+    """Where the own loop's time went, and what one verification of length + 1 tokens costs in plain
+    private-model tokens (Leviathan's bound takes it as 1; a CPU forward over a few tokens costs more).
+    `bound_with_verify_cost` is the bound with that measured cost in place of 1."""
+    split = run.split
+    if not split or not split.get("verify_calls") or run.acceptance is None:
+        return None
+    token_s = plain.seconds / plain.tokens
+    verify = split["target_s"] / split["verify_calls"] / token_s
+    draft = split["draft_s"] / max(run.acceptance.proposed, 1) / token_s
+    expected = None if alpha is None else metrics.speedup_bound(alpha, length, 0.0)  # tokens per step
+    return {**split, "plain_seconds_per_token": token_s, "verified_tokens": length + 1, "verify_cost": verify,
+            "draft_cost_in_loop": draft,
+            "bound_with_verify_cost": None if expected is None else expected / (length * draft + verify)}
 
 
 def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class Decoded:
     target_calls: int
     proposed: int
     accepted: int
+    target_seconds: float = 0.0  # in the target's forwards after the first (which reads the prompt)
+    draft_seconds: float = 0.0  # in the draft's forwards
+    first_seconds: float = 0.0  # the first target forward: prompt + first drafts
 
     @property
     def acceptance(self) -> Acceptance:
@@ -68,18 +71,26 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
     device = next(target.parameters()).device
     t_cache, d_cache = DynamicCache(), DynamicCache()
     seq, calls, proposed, accepted = list(prompt), 0, 0, 0
+    t_time = d_time = first_time = 0.0
     while len(seq) - len(prompt) < max_new_tokens:
         committed = len(seq)
         k = min(length, max_new_tokens - (committed - len(prompt)) - 1)  # never draft past the end
         drafts: list[int] = []
         pending = seq[d_cache.get_seq_length():]  # committed tokens the draft has not seen yet
+        started = time.perf_counter()
         for _ in range(k):
             out = draft(input_ids=_ids(pending, device), cache=d_cache, use_cache=True, logits_to_keep=1)
             drafts.append(int(_argmax(out.logits[0, -1], banned)))
             pending = drafts[-1:]
+        drafted = time.perf_counter()
+        d_time += drafted - started
         fed = [*seq[t_cache.get_seq_length():], *drafts]  # the whole prompt on the first call (as transformers)
         logits = target(input_ids=_ids(fed, device), cache=t_cache, use_cache=True, logits_to_keep=k + 1).logits
         best = _argmax(logits[0], banned).tolist()  # best[i]: the target's token after seq + drafts[:i]
+        if calls:
+            t_time += time.perf_counter() - drafted
+        else:
+            first_time = time.perf_counter() - drafted
         calls += 1
         m = 0
         while m < k and drafts[m] == best[m]:
@@ -90,7 +101,7 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
         _crop(t_cache, len(seq) - 1)  # the target has seen every committed token but the newest
         if k:
             _crop(d_cache, committed + min(m, k - 1))  # the draft saw seq[:committed] and drafts[:k-1]
-    return Decoded(seq[len(prompt):], calls, proposed, accepted)
+    return Decoded(seq[len(prompt):], calls, proposed, accepted, t_time, d_time, first_time)
 
 
 def banned_ids(config) -> tuple[int, ...]:
@@ -121,6 +132,10 @@ def time_speculative(target, draft, prompts: Sequence[Sequence[int]], config, le
         run.calls += 1
         run.outputs.append(out.tokens)
         total = out.acceptance if total is None else total + out.acceptance
+        run.split["target_s"] = run.split.get("target_s", 0.0) + out.target_seconds
+        run.split["draft_s"] = run.split.get("draft_s", 0.0) + out.draft_seconds
+        run.split["first_call_s"] = run.split.get("first_call_s", 0.0) + out.first_seconds
+        run.split["verify_calls"] = run.split.get("verify_calls", 0) + out.target_calls - 1
         if progress:
             progress(f"prompt {k + 1}/{len(prompts)}: {run.tokens / run.seconds:.1f} tokens/s so far")
     run.acceptance = total

@@ -157,7 +157,12 @@ def _attack(h: ProcessHarness, mallory: Insider) -> None:
                  lambda st: any(e.get("peer") == "mallory" for e in log_events(h, lagger, "refused a caught-up state")),
                  BOUND_S, NAMES)
     refused = [e for e in log_events(h, lagger, "refused a caught-up state") if e.get("peer") == "mallory"]
-    assert mallory.fetches_served >= 1 and refused[0]["reason"] in ("NOT_FINITE", "SHAPE_MISMATCH"), refused
+    # refused for its NaNs, or before it is even loaded: mallory labels it the mesh's newest round,
+    # and when that is ahead of what signed peers confirm the label alone refuses it (seen in CI)
+    first = refused[0]
+    assert mallory.fetches_served >= 1, refused
+    assert first["reason"] in ("NOT_FINITE", "SHAPE_MISMATCH") or (
+        first["reason"] == "MALFORMED" and "signed peers confirm" in first["msg"]), refused
     caught = honest_catch_ups(h, lagger)
     h.block_fetch(lagger, [])
     h.wait_until("the lagger caught up from an honest donor",

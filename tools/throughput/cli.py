@@ -90,7 +90,8 @@ class _Say:
               help="--draft self: the exit's own part: a copy of the final norm, or that plus a copy of the "
                    "next layer.")
 @click.option("--exit-steps", type=click.IntRange(min=0), default=None,
-              help="--draft self: exit training steps toward the private model on local code "
+              help="--draft self: exit training steps toward the private model (batches of local code, or of "
+                   "its greedy continuations) "
                    "[default: 200 tiny-cpu, 200 smollm2-135m, 2 micro].")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft self: draft over the N most frequent local-code tokens only (a cheaper head); 0: all.")
@@ -150,8 +151,10 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     length = parse_draft_length(draft_length)
     from tools.throughput.self_draft import DEFAULT_EXIT_DATA, DEFAULT_GREEDY_LOSS
 
-    if draft_kind != "self" and (exit_data is not None or exit_lr is not None):
-        raise click.UsageError("--exit-data and --exit-lr apply to --draft self")
+    greedy_only = exit_loss is not None or greedy_prompts is not None or greedy_tokens is not None
+    if draft_kind != "self" and (exit_data is not None or exit_lr is not None or greedy_only):
+        raise click.UsageError("--exit-data, --exit-loss, --exit-lr, --greedy-prompts and --greedy-tokens apply to "
+                               "--draft self")
     exit_data = exit_data or DEFAULT_EXIT_DATA
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")

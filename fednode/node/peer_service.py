@@ -21,7 +21,6 @@ import torch
 from fednode.errors import ProtocolError, Reason
 from fednode.node.context import NodeContext
 from fednode.node.exchange import open_envelope, receive_update, serve_state
-from fednode.node.gate import TIMING_REASONS as TIMING_REASONS  # where fednode.node.rounds reads it
 from fednode.node.inbox import Admission
 from fednode.security import bounds
 from fednode.security.hello import check_compatible, verify_hello
@@ -149,12 +148,6 @@ class PeerService:
     # The caller check (`PeerGate.admit`) and the count of every refusal happen once per call in
     # the transport's endpoint (fednode.transport.endpoint), before and around these handlers.
 
-    async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
-        return await self._handshake(hello, caller)
-
-    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
-        return await self._gossip(digest, caller)
-
     async def handle_push(self, start: pb.EnvelopeStart, chunks: AsyncIterator[pb.Chunk],
                           caller: Caller) -> pb.Receipt:
         with self._push_slot(caller):
@@ -218,7 +211,7 @@ class PeerService:
             if not self._fetches[who]:
                 del self._fetches[who]
 
-    async def _handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
+    async def handle_handshake(self, hello: pb.SignedHello, caller: Caller) -> pb.SignedHello:
         body = verify_hello(self.ctx.trust, hello)
         if caller.node_id is not None and caller.node_id != body.node_id:
             raise ProtocolError(Reason.BAD_CERTIFICATE,
@@ -227,7 +220,7 @@ class PeerService:
         self.ctx.membership.merge_hello(hello)
         return self.ctx.own_hello
 
-    async def _gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
+    async def handle_gossip(self, digest: pb.Digest, caller: Caller) -> pb.Digest:
         who = caller.node_id or "?"
         self._follow_reload()
         if not self.gossip_limit.allow(who):

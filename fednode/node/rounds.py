@@ -22,9 +22,10 @@ from fednode.learning.merge import MergeRefused
 from fednode.node import catchup
 from fednode.node.context import NodeContext, Phase
 from fednode.node.exchange import fetch_state, push_update
+from fednode.node.gate import TIMING_REASONS
 from fednode.node.learner import Contribution, Learner, checkpoint_metadata
 from fednode.node.negotiator import Negotiator
-from fednode.node.peer_service import TIMING_REASONS, check_dtypes, update_size_limit
+from fednode.node.peer_service import check_dtypes, update_size_limit
 from fednode.node.schedule import expected_senders, push_targets
 from fednode.security import bounds
 from fednode.store.checkpoint import (

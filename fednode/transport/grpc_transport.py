@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -53,7 +53,12 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
     return Caller(tls.peer_node_id(context), tls.peer_certificate_der(context) or b"")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError | InternalFault) -> NoReturn:
+    """End the call with `exc` as its status: a refusal with its reason (and any revocation list)
+    in trailing metadata, a handler fault as INTERNAL with the fixed text. Raises, as abort does."""
+    if isinstance(exc, InternalFault):
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+        raise AssertionError("context.abort returned")
     code = getattr(grpc.StatusCode, status_code_for(exc.reason))
     metadata: list[tuple[str, str | bytes]] = [(REASON_METADATA_KEY, Reason.Name(exc.reason))]
     revocation_list = attached_revocation_list(exc)  # a revoked caller gets the (CA-signed) proof
@@ -61,6 +66,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ProtocolError) -> None:
         metadata.append((REVOCATION_METADATA_KEY, revocation_list))
     context.set_trailing_metadata(tuple(metadata))
     await context.abort(code, exc.detail)
+    raise AssertionError("context.abort returned")
 
 
 async def _drain(stream: AsyncIterator[object], max_chunks: int = 65_536, max_seconds: float = 3.0) -> None:
@@ -100,45 +106,32 @@ class PeerServicer(peer_pb2_grpc.PeerServicer):
                         context: grpc.aio.ServicerContext) -> pb.SignedHello:
         try:
             return await self.endpoint.handshake(request, _caller(context))
-        except ProtocolError as exc:
+        except (ProtocolError, InternalFault) as exc:
             await _abort(context, exc)
-            raise  # abort raises; never reached
-        except InternalFault:
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
-            raise
 
     async def Gossip(self, request: pb.Digest | Undecodable,  # noqa: N802
                      context: grpc.aio.ServicerContext) -> pb.Digest:
         try:
             return await self.endpoint.gossip(request, _caller(context))
-        except ProtocolError as exc:
+        except (ProtocolError, InternalFault) as exc:
             await _abort(context, exc)
-            raise  # abort raises; never reached
-        except InternalFault:
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
-            raise
 
     async def PushMessenger(self, request_iterator: AsyncIterator[pb.Chunk | Undecodable],  # noqa: N802,E501
                             context: grpc.aio.ServicerContext) -> pb.Receipt:
         try:
             return await self.endpoint.push(request_iterator, _caller(context))
-        except ProtocolError as exc:
-            await _drain(request_iterator)
+        except (ProtocolError, InternalFault) as exc:
+            if isinstance(exc, ProtocolError):
+                await _drain(request_iterator)  # so the caller reads the reason, not a stream reset
             await _abort(context, exc)
-            raise  # abort raises; never reached
-        except InternalFault:
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
-            raise
 
     async def FetchState(self, request: pb.StateRequest | Undecodable,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
         try:
             async for chunk in self.endpoint.fetch(request, _caller(context)):
                 yield chunk
-        except ProtocolError as exc:
+        except (ProtocolError, InternalFault) as exc:
             await _abort(context, exc)
-        except InternalFault:
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
 
 
 def add_peer_servicer(servicer: PeerServicer, server: grpc.aio.Server) -> None:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import FOUR, four_layer_model
 
 from fednode.learning.early_exit import early_exit_draft, with_subset_head
 from fednode.learning.exit_fit import IGNORE, ExitSet, _head_logits, _prefix, _tail, exit_agreement, fit_exit
-from fednode.learning.models import PRESETS, ModelPreset, build_model
-from fednode.learning.tokenizer import build_tokenizer
-
-FOUR = ModelPreset(name="four", hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
-                   vocab_size=PRESETS["micro"].vocab_size, max_positions=128)
 
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory):
-    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
-    return build_model(FOUR, tok, seed=0).eval()
+    return four_layer_model(tmp_path_factory.mktemp("tok"))
 
 
 def _sequences(n: int, seed: int) -> torch.Tensor:

@@ -21,6 +21,13 @@ DEFAULTS = {
     "micro": (2, 16, 0, 4, 1),
 }
 EXIT_STEPS = {"tiny-cpu": 200, "smollm2-135m": 200, "micro": 2}  # --draft self: exit training steps
+FEATURE_STEPS = {"tiny-cpu": 600, "smollm2-135m": 600, "micro": 2}  # --draft features: training steps
+
+
+def _exit_steps(draft_kind: str, preset: str, asked: int | None) -> int:
+    if asked is not None:
+        return asked
+    return (FEATURE_STEPS if draft_kind == "features" else EXIT_STEPS)[preset]
 
 
 def parse_draft_length(text: str) -> int | None:
@@ -80,10 +87,12 @@ class _Say:
 @click.option("--draft-level", type=click.IntRange(min=0), default=None,
               help="Messenger level used as draft [default: the largest level the private model out-sizes 8x, "
                    "else 0; with --from-run: the run's level].")
-@click.option("--draft", "draft_kind", type=click.Choice(("messenger", "self")), default="messenger",
+@click.option("--draft", "draft_kind", type=click.Choice(("messenger", "self", "features")), default="messenger",
               show_default=True,
               help="messenger: a messenger ladder level drafts; self: the private model's own first layers "
-                   "with a trained exit (early exit, no second model).")
+                   "with a trained exit (early exit, no second model); features: one layer over the private "
+                   "model's top features and its head (EAGLE), trained on its greedy continuations of the "
+                   "local code's function prompts.")
 @click.option("--exit-layers", type=click.IntRange(min=1), default=None,
               help="--draft self: private-model layers before the exit [default: a quarter of them].")
 @click.option("--exit", "exit_kind", type=click.Choice(("norm", "layer")), default="layer", show_default=True,
@@ -91,8 +100,8 @@ class _Say:
                    "next layer.")
 @click.option("--exit-steps", type=click.IntRange(min=0), default=None,
               help="--draft self: exit training steps toward the private model (batches of local code, or of "
-                   "its greedy continuations) "
-                   "[default: 200 tiny-cpu, 200 smollm2-135m, 2 micro].")
+                   "its greedy continuations) [default: 200 tiny-cpu, 200 smollm2-135m, 2 micro]; --draft "
+                   "features: its training steps [default: 600, micro 2].")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft self: draft over the N most frequent local-code tokens only (a cheaper head); 0: all.")
 @click.option("--exit-data", type=click.Choice(("code", "greedy")), default=None,
@@ -101,11 +110,13 @@ class _Say:
 @click.option("--exit-loss", type=click.Choice(("kl", "top1")), default=None,
               help="--exit-data greedy: KL to P's distribution, or cross-entropy to P's argmax [default: kl].")
 @click.option("--exit-lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
-              help="--draft self: the exit's learning rate [default: 1e-3 code, 3e-3 greedy].")
+              help="--draft self: the exit's learning rate [default: 1e-3 code, 3e-3 greedy]; --draft features: "
+                   "the draft's [default: 1e-3].")
 @click.option("--greedy-prompts", type=click.IntRange(min=2), default=None,
-              help="--exit-data greedy: local-code prompts P continues [default: 96].")
+              help="--exit-data greedy: local-code prompts P continues [default: 96]; --draft features: "
+                   "function prompts (def line + docstring) of the local code [default: 320].")
 @click.option("--greedy-tokens", type=click.IntRange(min=1), default=None,
-              help="--exit-data greedy: greedy tokens P generates per prompt [default: 64].")
+              help="--exit-data greedy and --draft features: greedy tokens P generates per prompt [default: 64].")
 @click.option("--loop", type=click.Choice(("own", "transformers")), default=None,
               help="Drafted generation loop: own (one draft forward per draft token, one private-model "
                    "forward per step) or transformers' assisted generation [default: own for --draft self, "
@@ -125,6 +136,9 @@ class _Say:
                    "[default: 3 tiny-cpu, 2 smollm2-135m, 1 micro].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Model init, data and batch seed.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, or cuda when available.")
+@click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
+              help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
+                   "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tokenizer and converted-model cache [default: ~/.cache/fednode].")
@@ -134,7 +148,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
-               compare_loops: bool) -> None:
+               compare_loops: bool, dtype: str) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -152,15 +166,21 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     from tools.throughput.self_draft import DEFAULT_EXIT_DATA, DEFAULT_GREEDY_LOSS
 
     greedy_only = exit_loss is not None or greedy_prompts is not None or greedy_tokens is not None
-    if draft_kind != "self" and (exit_data is not None or exit_lr is not None or greedy_only):
+    if draft_kind == "messenger" and (exit_data is not None or exit_lr is not None or greedy_only):
         raise click.UsageError("--exit-data, --exit-loss, --exit-lr, --greedy-prompts and --greedy-tokens apply to "
-                               "--draft self")
+                               "--draft self (and the last three to --draft features)")
+    if draft_kind == "features" and (exit_data is not None or exit_loss is not None or exit_layers is not None):
+        raise click.UsageError("--exit-data, --exit-loss and --exit-layers apply to --draft self: the feature "
+                               "draft learns from P's continuations of function prompts, by EAGLE's loss")
     exit_data = exit_data or DEFAULT_EXIT_DATA
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
-    if draft_kind == "self" and from_run is not None:
-        raise click.UsageError("--draft self takes the preset's private model, not a run's: drop --from-run "
+    if draft_kind == "features" and (loop == "transformers" or compare_loops):
+        raise click.UsageError("--draft features reads the private model's features: only the own loop runs it "
+                               "(drop --loop transformers / --compare-loops)")
+    if draft_kind != "messenger" and from_run is not None:
+        raise click.UsageError(f"--draft {draft_kind} takes the preset's private model, not a run's: drop --from-run "
                                "(or draft the run by its messenger with --draft messenger)")
     d_limit, d_new, d_steps, d_batch, d_train = DEFAULTS[preset]
     out_dir = out_dir if out_dir is not None else Path("bench") / "results" / f"throughput-{preset}"
@@ -186,10 +206,10 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    draft_batch=d_batch, draft_level=draft_level, prompt_tokens=prompt_tokens,
                    train_steps=d_train if train_steps is None else train_steps, from_run=from_run, seed=seed,
                    device=device, cache=cache or default_cache(), draft_kind=draft_kind, exit_layers=exit_layers,
-                   exit_kind=exit_kind, exit_steps=EXIT_STEPS[preset] if exit_steps is None else exit_steps,
+                   exit_kind=exit_kind, exit_steps=_exit_steps(draft_kind, preset, exit_steps),
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
-                   greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops)
+                   greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

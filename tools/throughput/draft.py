@@ -29,12 +29,17 @@ PRETRAINED_DRAFT_LR = 1e-3  # lower: the messenger starts from pretrained embedd
 PARTITION_BYTES = 1_500_000
 
 
+def local_files(seed: int) -> list[Path]:
+    """The site's local code for the benchmark: stdlib partition 0 of 3 (as `fednode demo` gives a node)."""
+    return stdlib_partitions(3, seed=seed)[0]
+
+
 def local_code(tokenizer, seq_len: int, max_tokens: int, seed: int, heldout_blocks: int = 4) -> TokenDataset:
     """Token blocks of stdlib partition 0 of 3 (as `fednode demo` gives a node), few held-out blocks.
 
     Few held-out blocks keep the trainers' before/after evaluations cheap; they are not the figure.
     """
-    files = stdlib_partitions(3, seed=seed)[0]
+    files = local_files(seed)
     with tempfile.TemporaryDirectory(prefix="fednode-throughput-") as tmp:
         write_partition(files, Path(tmp), max_bytes=PARTITION_BYTES)
         data = TokenDataset.from_dir(Path(tmp), tokenizer, seq_len=seq_len, max_tokens=max_tokens, seed=seed)

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from fednode.learning.early_exit import coverage
+from fednode.learning.feature_draft import FeatureDraft
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
-from tools.throughput.draft import local_code, train_draft
+from tools.throughput.draft import local_code, local_files, train_draft
 from tools.throughput.draft_length import CALIBRATION_PROMPTS, calibrate, estimate_alpha
 from tools.throughput.errors import BenchFailure
+from tools.throughput.feature_self_draft import FeaturePlan, build_feature_draft
 from tools.throughput.generation import (
     assistant_settings,
     fixed_draft_length,
@@ -28,10 +30,11 @@ from tools.throughput.generation import (
 )
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
 from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
-from tools.throughput.speculative import time_drafted
+from tools.throughput.speculative import time_drafted, time_feature_draft
 from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DATA_TOKENS = 120_000  # local-code tokens for drafting and training (enough blocks for random batches)
 
 
@@ -50,7 +53,8 @@ class Options:
     seed: int
     device: str
     cache: Path
-    draft_kind: str = "messenger"  # messenger: a ladder level; self: P's own first layers (early exit)
+    draft_kind: str = "messenger"  # messenger: a ladder level; self: P's own first layers (early exit);
+    # features: one layer over P's top features (EAGLE)
     exit_layers: int | None = None  # self: layers before the exit [default: a quarter of P's]
     exit_kind: str = "layer"  # self: norm (a copy of P's final norm) or layer (that plus a copy of the next layer)
     exit_steps: int = 0  # self: exit training steps of draft_batch blocks
@@ -63,6 +67,7 @@ class Options:
     greedy_prompts: int = 0  # self, greedy data: local-code prompts P continues (0: the default)
     greedy_tokens: int = 0  # self, greedy data: tokens P generates per prompt (0: the default)
     compare_loops: bool = False  # also time the other drafted loop on the same draft and prompts
+    dtype: str = "float32"  # generation dtype of P and the draft (training stays float32)
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -79,11 +84,21 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
         pair, draft, info = load_run(opts.from_run, pair)
         say(f"loaded {info['checkpoint']} (round {info['round']}, messenger level {info['level']})")
         return pair, draft, info["level"], {"method": "trained by a fednode run", "steps": None, **info}
-    if opts.draft_kind == "self":
+    if opts.draft_kind in ("self", "features"):
         if not pair.pretrained and opts.preset != "micro":  # micro: test-sized, for the tool's own tests
-            raise BenchFailure(f"--draft self on preset {opts.preset!r} would draft an untrained private model "
-                               "(built from config): use --preset smollm2-135m, or `fednode-bench frontier` on a "
-                               "convergence run's checkpoints (its shared-prefix arms draft P by its own prefix)")
+            raise BenchFailure(f"--draft {opts.draft_kind} on preset {opts.preset!r} would draft an untrained "
+                               "private model (built from config): use --preset smollm2-135m, or `fednode-bench "
+                               "frontier` on a convergence run's checkpoints (its shared-prefix arms draft P by its "
+                               "own prefix)")
+    if opts.draft_kind == "features":
+        plan = FeaturePlan.of(opts.greedy_prompts, opts.greedy_tokens, opts.exit_steps, opts.exit_lr)
+        try:
+            draft, info = build_feature_draft(pair.private, pair.tokenizer, local_files(opts.seed),
+                                              vocab=opts.draft_vocab, seed=opts.seed, plan=plan, progress=say)
+        except ValueError as exc:
+            raise BenchFailure(f"--draft features: {exc}") from None
+        return pair, draft, None, info
+    if opts.draft_kind == "self":
         data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
         total = pair.private.config.num_hidden_layers
         layers = opts.exit_layers if opts.exit_layers is not None else default_exit_layers(total)
@@ -118,7 +133,9 @@ def _gen_row(model: str, level: int | None, run, batch_prompts: int) -> dict[str
             "prompts_repeated": run.batch_size > batch_prompts}
 
 
-def _draft_label(level: int | None) -> str:
+def _draft_label(level: int | None, draft=None) -> str:
+    if isinstance(draft, FeatureDraft):
+        return "the feature draft (EAGLE)"
     return "the self-draft (early exit)" if level is None else f"messenger level {level}"
 
 
@@ -140,7 +157,11 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
             run = time_plain(model, prompts, bs, config)
             rows.append(_gen_row("messenger", lv, run, len(prompts)))
             draft_b1 = run if (lv == level and bs == 1) else draft_b1
-    if level is None:
+    if isinstance(draft, FeatureDraft):  # it needs P's features: timed alone at batch 1, on its own features
+        say("feature draft alone, batch 1 (on its own features after each prompt)")
+        draft_b1 = time_feature_draft(pair.private, draft, prompts, opts.max_new_tokens)
+        rows.append(_gen_row("feature-draft", None, draft_b1, len(prompts)))
+    elif level is None:
         for bs in opts.batch_sizes:
             say(f"self-draft alone, batch {bs}")
             run = time_plain(draft, prompts, bs, config)
@@ -151,7 +172,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
         plain_b1 = time_plain(pair.private, prompts, 1, config)
         rows.insert(0, _gen_row("private", None, plain_b1, len(prompts)))
     if draft_b1 is None:
-        say(f"{_draft_label(level)} alone, batch 1 (for its cost)")
+        say(f"{_draft_label(level, draft)} alone, batch 1 (for its cost)")
         draft_b1 = time_plain(draft, prompts, 1, config)
     cost = plain_b1.tokens_per_s / draft_b1.tokens_per_s  # c: one draft token's time over one private token's
     check = tokenizer_check(pair.private, draft, pair.tokenizer)
@@ -167,7 +188,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
         chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "prompts": 0}
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
-    say(f"private model drafted by {_draft_label(level)} ({length} tokens per step, {loop} loop), batch 1")
+    say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step, {loop} loop), batch 1")
     assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say)
     rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
     for bs in opts.batch_sizes:
@@ -178,7 +199,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
     other = None
-    if opts.compare_loops and tokenizers is None:
+    if opts.compare_loops and tokenizers is None and not isinstance(draft, FeatureDraft):
         other_loop = "transformers" if loop == "own" else "own"
         say(f"the same drafting with the {other_loop} loop, batch 1 (--compare-loops)")
         again = time_drafted(other_loop, pair.private, draft, prompts, config, length, progress=say)
@@ -187,13 +208,14 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                  "identical": metrics.compare_outputs(plain_b1.outputs, again.outputs).identical}
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
     alpha = estimate_alpha(assisted.acceptance, length)
-    index = getattr(getattr(draft, "lm_head", None), "index", None)  # a self-draft over a subset head
+    head = draft.head if isinstance(draft, FeatureDraft) else getattr(draft, "lm_head", None)
+    index = getattr(head, "index", None)  # a self-draft over a subset head
     summary = {"head_coverage": None if index is None else coverage(index, plain_b1.outputs),
                "identical": identity.identical, "mismatches": identity.mismatches, "compared": identity.compared,
                "first_mismatch": identity.first_mismatch, "plain_tokens_per_s": plain_b1.tokens_per_s,
                "assisted_tokens_per_s": assisted.tokens_per_s, "draft_speedup": speedup,
                "verdict": metrics.speedup_verdict(speedup), "draft_level": level,
-               "draft_kind": "self" if level is None else "messenger", "draft_tokens_per_s": draft_b1.tokens_per_s,
+               "draft_kind": _draft_kind(level, draft), "draft_tokens_per_s": draft_b1.tokens_per_s,
                "cost": cost, "alpha": alpha, "draft_length": length, "draft_length_choice": chosen,
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
@@ -201,6 +223,12 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
                "loop_split": _split(assisted, plain_b1, length, alpha), **acc}
     return rows, summary
+
+
+def _draft_kind(level: int | None, draft) -> str:
+    if isinstance(draft, FeatureDraft):
+        return "features"
+    return "self" if level is None else "messenger"
 
 
 def _split(run, plain, length: int, alpha: float | None) -> dict[str, float | None] | None:
@@ -226,8 +254,9 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     say(f"loading preset {opts.preset}")
     pair = load_pair(opts.preset, opts.seed, opts.cache)
     pair, draft, level, draft_info = _models(opts, pair, say)
-    pair.private.to(opts.device)
-    draft.to(opts.device)
+    dtype = DTYPES[opts.dtype]  # after training (which runs in float32): only generation uses it
+    pair.private.to(opts.device, dtype)
+    draft.to(opts.device, dtype)
     problems = load_problems(opts.limit + CALIBRATION_PROMPTS)
     problems, spare = problems[:opts.limit], problems[opts.limit:]
     keep = min(opts.prompt_tokens, min(pair.ladder.max_positions, pair.private.config.max_position_embeddings)
@@ -240,12 +269,16 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     training = None
     if opts.train_steps > 0:
         say(f"training: {opts.train_steps} timed steps per trainer")
+        pair.private.to(torch.float32)  # the daemon trains in float32 whatever the generation dtype
+        draft.to(torch.float32)
         data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)
-        training = time_training(pair.private, draft, data, steps=opts.train_steps, seed=opts.seed)
+        # a feature draft is no language model the daemon trains: time P with the ladder's first messenger
+        trained = pair.messenger(0).to(opts.device) if isinstance(draft, FeatureDraft) else draft
+        training = time_training(pair.private, trained, data, steps=opts.train_steps, seed=opts.seed)
     sizes = pair.level_params()
     private_params = pair.private_params
     return {
-        "preset": opts.preset, "device": opts.device, "seed": opts.seed,
+        "preset": opts.preset, "device": opts.device, "dtype": opts.dtype, "seed": opts.seed,
         "models": {"private": pair.private_name, "private_params": private_params,
                    "daemon_config": pair.daemon_config,
                    "messenger_levels": [{"level": lv, "params": n, "param_ratio": private_params / n}

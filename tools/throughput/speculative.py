@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from fednode.learning.feature_draft import FeatureDraft, features
 from tools.throughput.generation import WARMUP_TOKENS, GenRun, fixed_draft_length, sync, time_assisted
 from tools.throughput.metrics import Acceptance
 
@@ -104,6 +105,86 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
     return Decoded(seq[len(prompt):], calls, proposed, accepted, t_time, d_time, first_time)
 
 
+@torch.no_grad()
+def feature_speculative_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_new_tokens: int,
+                               length: int, banned: Sequence[int] = ()) -> Decoded:
+    """As `speculative_greedy`, with a draft that reads the target's top features (EAGLE).
+
+    The target's forward returns its features for every token it reads; those of committed tokens
+    are kept (`feats`, one per token the target has seen). The draft's input at position j is
+    (feats[j], seq[j + 1]); it first catches up on the positions committed since its last step
+    (true features), then drafts on its own predicted features, and is cropped back to the true ones.
+    """
+    if max_new_tokens < 1 or length < 0 or not prompt:
+        raise ValueError(f"need a prompt, max_new_tokens >= 1 and length >= 0 (got {len(prompt)}, "
+                         f"{max_new_tokens}, {length})")
+    device = next(target.parameters()).device
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    seq, calls, proposed, accepted = list(prompt), 0, 0, 0
+    feats: torch.Tensor | None = None  # (1, n, H): the target's features of seq[:n], n = what it has seen
+    t_time = d_time = first_time = 0.0
+    while len(seq) - len(prompt) < max_new_tokens:
+        k = min(length, max_new_tokens - (len(seq) - len(prompt)) - 1) if feats is not None else 0
+        drafts: list[int] = []
+        started = time.perf_counter()
+        if k:
+            seen, n = d_cache.get_seq_length(), feats.shape[1]
+            hidden = draft(feats[:, seen:n], _ids(seq[seen + 1:n + 1], device), cache=d_cache)[:, -1:]
+            for i in range(k):
+                drafts.append(int(_argmax(draft.logits(hidden)[0, -1], banned)))
+                if i + 1 < k:
+                    hidden = draft(hidden, _ids(drafts[-1:], device), cache=d_cache)
+            _crop(d_cache, n)  # positions drafted on predicted features are redone on the true ones
+        drafted = time.perf_counter()
+        d_time += drafted - started
+        fed = [*seq[t_cache.get_seq_length():], *drafts]
+        hidden_t = features(target, _ids(fed, device), cache=t_cache)
+        best = _argmax(target.lm_head(hidden_t[:, -(k + 1):])[0], banned).tolist()
+        if calls:
+            t_time += time.perf_counter() - drafted
+        else:
+            first_time = time.perf_counter() - drafted
+        calls += 1
+        m = 0
+        while m < k and drafts[m] == best[m]:
+            m += 1
+        seq += [*drafts[:m], best[m]]
+        proposed += k
+        accepted += m
+        kept = hidden_t[:, :len(fed) - k + m]  # the target's features of the tokens now committed
+        feats = kept if feats is None else torch.cat([feats, kept], 1)
+        _crop(t_cache, len(seq) - 1)
+    return Decoded(seq[len(prompt):], calls, proposed, accepted, t_time, d_time, first_time)
+
+
+@torch.no_grad()
+def time_feature_draft(target, draft: FeatureDraft, prompts: Sequence[Sequence[int]], tokens: int) -> GenRun:
+    """The feature draft alone at batch 1: `tokens` steps on its own features after each prompt.
+
+    The target reads each prompt first (untimed) for the draft's first input; the draft then runs
+    one single-token forward per token, which is what drafting costs inside the loop.
+    """
+    device = next(target.parameters()).device
+    run = GenRun(1)
+    for prompt in prompts:
+        ids = _ids(prompt, device)
+        feats = features(target, ids)
+        cache = DynamicCache()
+        out: list[int] = []
+        sync(device)
+        start = time.perf_counter()
+        hidden = draft(feats[:, :-1], ids[:, 1:], cache=cache)[:, -1:]
+        for _ in range(tokens):
+            out.append(int(draft.logits(hidden)[0, -1].argmax()))
+            hidden = draft(hidden, _ids(out[-1:], device), cache=cache)
+        sync(device)
+        run.seconds += time.perf_counter() - start
+        run.tokens += tokens
+        run.calls += 1
+        run.outputs.append(out)
+    return run
+
+
 def banned_ids(config) -> tuple[int, ...]:
     """The ids transformers masks for the whole run: EOS when min_new_tokens forces max_new_tokens."""
     eos = config.eos_token_id
@@ -119,13 +200,14 @@ def time_speculative(target, draft, prompts: Sequence[Sequence[int]], config, le
         raise ValueError("the own loop generates exactly max_new_tokens: set min_new_tokens = max_new_tokens")
     banned = banned_ids(config)
     device = next(target.parameters()).device
-    speculative_greedy(target, draft, prompts[0], WARMUP_TOKENS, length, banned)
+    decode = feature_speculative_greedy if isinstance(draft, FeatureDraft) else speculative_greedy
+    decode(target, draft, prompts[0], WARMUP_TOKENS, length, banned)
     run = GenRun(1)
     total: Acceptance | None = None
     for k, prompt in enumerate(prompts):
         sync(device)
         start = time.perf_counter()
-        out = speculative_greedy(target, draft, prompt, config.max_new_tokens, length, banned)
+        out = decode(target, draft, prompt, config.max_new_tokens, length, banned)
         sync(device)
         run.seconds += time.perf_counter() - start
         run.tokens += len(out.tokens)
@@ -153,6 +235,8 @@ def time_drafted(loop: str, target, draft, prompts: Sequence[Sequence[int]], con
             raise ValueError("the own loop needs the draft to share the target's token space: use --loop transformers")
         return time_speculative(target, draft, prompts, config, length, progress)
     if loop == "transformers":
+        if isinstance(draft, FeatureDraft):
+            raise ValueError("a feature draft reads the private model's features: only the own loop runs it")
         return time_assisted(target, draft, prompts, fixed_draft_length(config, length), tokenizers=tokenizers,
                              progress=progress)
     raise ValueError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")

@@ -1,0 +1,165 @@
+"""The feature draft (EAGLE): cached training pairs, fitting, and the loop that keeps P's greedy output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from fednode.learning.feature_draft import FeatureDraft, FeatureSet, feature_agreement, features, fit_feature_draft
+from fednode.learning.models import PRESETS, ModelPreset, build_model
+from fednode.learning.tokenizer import build_tokenizer
+from tools.throughput.greedy_data import function_prompts, greedy_ragged
+from tools.throughput.speculative import banned_ids, feature_speculative_greedy, time_feature_draft, time_speculative
+
+FOUR = ModelPreset(name="four", hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
+                   vocab_size=PRESETS["micro"].vocab_size, max_positions=160)
+NEW = 30
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory):
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
+    model = build_model(FOUR, tok, seed=0).eval()
+    with torch.no_grad():  # sharp, loud attention: varied greedy output, and a cache cropped wrong changes it
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+            layer.self_attn.o_proj.weight.mul_(20.0)
+    return model
+
+
+def _prompt(seed: int, n: int = 11) -> list[int]:
+    return torch.randint(5, FOUR.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _config(private, new: int = NEW) -> GenerationConfig:
+    eos = private.config.eos_token_id
+    return GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
+                            pad_token_id=eos)
+
+
+def _greedy(private, prompt: list[int], new: int = NEW) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               generation_config=_config(private, new))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def trained(private):
+    """A feature draft fitted on P's own greedy continuations: it agrees often enough to test the loop."""
+    eos = private.config.eos_token_id
+    data = greedy_ragged(private, [_prompt(100 + i, 6 + i % 5) for i in range(80)], new_tokens=40, eos=eos)
+    cached = FeatureSet.build(private, data.sequences, data.starts, pad=eos)
+    train, held = cached.split(8)
+    draft = FeatureDraft(private)
+    seen_before = feature_agreement(draft, train)
+    fit = fit_feature_draft(draft, train, held, steps=400, batch=16, lr=3e-3, seed=0)
+    return draft, fit, held, seen_before, feature_agreement(draft, train)
+
+
+def test_training_raises_agreement_and_never_touches_p(private, trained):
+    draft, fit, held, seen_before, seen_after = trained
+    before = {k: v.clone() for k, v in private.state_dict().items()}
+    assert seen_after > seen_before + 0.1  # it learns what it is shown (this random P is hard to generalise)
+    assert fit.agreement_after > fit.agreement_before
+    assert fit.agreement_after == pytest.approx(feature_agreement(draft, held))
+    assert all(torch.equal(before[k], v) for k, v in private.state_dict().items())
+    own = {id(p) for p in draft.own_parameters()}
+    assert not own & {id(p) for p in private.parameters()}  # only fc and the layer copy are the draft's
+
+
+def test_feature_set_counts_only_positions_whose_input_token_p_wrote(private):
+    seqs = [[7, 8, 9, 10, 11], [7, 8, 9]]
+    cached = FeatureSet.build(private, seqs, [3, 1], pad=0)
+    # position j is (f_j, x_{j+1}); it counts when x_{j+1} is P's own (index >= start), up to the last token
+    assert cached.counted.tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert cached.features.shape == (2, 5, FOUR.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(cached.features[0], features(private, torch.tensor([seqs[0]]))[0], atol=1e-5)
+    with pytest.raises(ValueError, match="start"):
+        FeatureSet.build(private, [[1, 2]], [3], pad=0)
+
+
+@pytest.mark.parametrize("length", [1, 3, 7])
+def test_the_feature_draft_gives_ps_greedy_tokens(private, trained, length):
+    draft = trained[0]
+    accepted = 0
+    for seed in (1, 2, 3):
+        prompt = _prompt(seed)
+        out = feature_speculative_greedy(private, draft, prompt, NEW, length, banned_ids(_config(private)))
+        assert out.tokens == _greedy(private, prompt)
+        assert len(out.tokens) == NEW and out.accepted <= out.proposed
+        accepted += out.accepted
+    assert accepted > 0  # the trained draft is accepted at times, so the caches were exercised
+
+
+def _reference_accepted(private, draft, prompt: list[int], new: int, length: int) -> int:
+    """The same loop with no cache at all: every forward from scratch (slow, obviously right)."""
+    seq, accepted = list(prompt), 0
+    with torch.no_grad():
+        while len(seq) - len(prompt) < new:
+            k = min(length, new - (len(seq) - len(prompt)) - 1) if len(seq) > len(prompt) else 0
+            feats = features(private, torch.tensor([seq]))
+            drafts: list[int] = []
+            f_in, x_in = feats[:, :-1], torch.tensor([seq[1:]])
+            for _ in range(k):
+                hidden = draft(f_in, x_in)
+                drafts.append(int(draft.logits(hidden)[0, -1].argmax()))
+                f_in = torch.cat([f_in, hidden[:, -1:]], 1)
+                x_in = torch.cat([x_in, torch.tensor([drafts[-1:]])], 1)
+            best = private(input_ids=torch.tensor([seq + drafts])).logits[0, -(k + 1):].argmax(-1).tolist()
+            m = 0
+            while m < k and drafts[m] == best[m]:
+                m += 1
+            seq += [*drafts[:m], best[m]]
+            accepted += m
+    return accepted
+
+
+def test_cached_drafting_proposes_what_an_uncached_draft_would(private, trained):
+    draft = trained[0]
+    prompt = _prompt(4)
+    out = feature_speculative_greedy(private, draft, prompt, 20, 3)
+    assert out.accepted == _reference_accepted(private, draft, prompt, 20, 3)
+
+
+def test_an_always_wrong_feature_draft_still_gives_ps_greedy_tokens(private):
+    prompt = _prompt(5)
+    greedy = _greedy(private, prompt)
+    never = next(t for t in range(5, FOUR.vocab_size) if t not in greedy)
+    wrong = FeatureDraft(private).use_subset_head(torch.tensor([never]))
+    out = feature_speculative_greedy(private, wrong, prompt, NEW, 4, banned_ids(_config(private)))
+    assert out.tokens == greedy and out.accepted == 0 and out.proposed > 0
+
+
+def test_timed_feature_loop_and_the_draft_alone(private, trained):
+    draft = trained[0]
+    prompts = [_prompt(6), _prompt(7)]
+    run = time_speculative(private, draft, prompts, _config(private, 10), 2)
+    assert run.outputs == [_greedy(private, p, 10) for p in prompts]
+    assert run.acceptance.new_tokens == 20 and run.tokens_per_s > 0
+    alone = time_feature_draft(private, draft, prompts, 5)
+    assert alone.tokens == 10 and [len(o) for o in alone.outputs] == [5, 5] and alone.tokens_per_s > 0
+
+
+def test_greedy_ragged_keeps_each_prompt_and_its_own_continuation(private):
+    prompts = [_prompt(8, 4), _prompt(9, 9)]
+    data = greedy_ragged(private, prompts, new_tokens=6, eos=private.config.eos_token_id)
+    assert data.starts == [4, 9] and data.generated == 12
+    for prompt, seq in zip(prompts, data.sequences, strict=True):
+        assert seq[:len(prompt)] == prompt and seq[len(prompt):] == _greedy(private, prompt, 6)
+
+
+def test_function_prompts_are_def_lines_with_docstrings(tmp_path):
+    (tmp_path / "a.py").write_text(
+        'import os\n\n\ndef walk(top):\n    """Walk a directory tree, top down."""\n    return os.walk(top)\n\n\n'
+        'class C:\n    @staticmethod\n    def m(x):\n        """Return x, unchanged."""\n        return x\n\n\n'
+        'def bare(x):\n    return x\n')
+    (tmp_path / "broken.py").write_text("def (:\n")
+    (tmp_path / "latin.py").write_bytes(b"# \xff\n")
+    found = sorted(function_prompts([tmp_path / "a.py", tmp_path / "broken.py", tmp_path / "latin.py"], 10, 0))
+    assert found == ['@staticmethod\ndef m(x):\n    """Return x, unchanged."""\n',
+                     'def walk(top):\n    """Walk a directory tree, top down."""\n']

@@ -314,6 +314,8 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert info["steps"] == 2 and info["vocab"] >= 64 and 0.0 <= info["agreement_after"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
     assert data["assisted"]["cost"] > 0 and data["assisted"]["loop_split"]["verified_tokens"] == 4
+    bare = data["assisted"]["own_loop_no_draft"]  # the own loop with no draft: P's greedy tokens, one per forward
+    assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating
     assert "feature draft (EAGLE)" in (out / "throughput.md").read_text()
 

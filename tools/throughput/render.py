@@ -38,6 +38,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "alpha": a["alpha"], "cost": a["cost"], "head_coverage": a["head_coverage"],
         "bound": a["bound"], "best_bound": a["best_bound"], "loop": a.get("loop"),
         "other_loop": a.get("other_loop"),
+        "speedup_vs_own_loop_no_draft": (a.get("own_loop_no_draft") or {}).get("draft_speedup"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
         "generated_tokens": result["draft_training"].get("generated_tokens"),
@@ -93,6 +94,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         f"per-token acceptance alpha = {_fmt(a['alpha'], '.3f')} at draft length {a['draft_length']}: "
         f"Leviathan's bound **{_fmt(a['bound'])}** at that length, {_fmt(a['best_bound'])} at the best length",
         f"- draft length: {_length_line(a['draft_length_choice'])}",
+        *_own_plain_line(a.get("own_loop_no_draft")),
         f"- draft settings: {a['settings']}; tokenizer shared: {a['tokenizer']['shared']} ({a['tokenizer']['note']})",
         f"- loop: {a.get('loop')} (own: one draft forward per draft token and one private-model forward per step; "
         "transformers: assisted generation); drafting is measured at batch 1 only",
@@ -125,6 +127,14 @@ def _draft_line(result: dict[str, Any]) -> str:
     return (f"messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft parameter "
             f"ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"
             f"{'' if ok else ', NOT met'})")
+
+
+def _own_plain_line(own: dict[str, Any] | None) -> list[str]:
+    if own is None:
+        return []
+    return [f"- the own loop drafting nothing: {own['tokens_per_s']:.1f} tokens/s (identical: {own['identical']}); "
+            f"drafted / that = **{_fmt(own['draft_speedup'])}** (the speedup with the loop's own overhead "
+            "taken out of the baseline)"]
 
 
 def _training_line(t: dict[str, Any]) -> str:

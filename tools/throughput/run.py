@@ -198,6 +198,13 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                                                        "assisted generation and the own loop); not measured"})
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
+    own_plain = None
+    if loop == "own":  # the same loop drafting nothing: how much of the speedup is the loop, not the draft
+        say("the own loop with no draft (P alone, one private-model forward per token), batch 1")
+        bare = time_drafted("own", pair.private, draft, prompts, config, 0)
+        own_plain = {"tokens_per_s": bare.tokens_per_s, "identical": metrics.compare_outputs(
+            plain_b1.outputs, bare.outputs).identical,
+            "draft_speedup": metrics.draft_speedup(assisted.tokens_per_s, bare.tokens_per_s)}
     other = None
     if opts.compare_loops and tokenizers is None and not isinstance(draft, FeatureDraft):
         other_loop = "transformers" if loop == "own" else "own"
@@ -221,7 +228,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
-               "loop_split": _split(assisted, plain_b1, length, alpha), **acc}
+               "loop_split": _split(assisted, plain_b1, length, alpha), "own_loop_no_draft": own_plain, **acc}
     return rows, summary
 
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from fednode.learning.feature_draft import FeatureDraft, FeatureSet, feature_agreement, features, fit_feature_draft
+from fednode.learning.feature_draft import (
+    FeatureDraft,
+    FeatureSet,
+    feature_agreement,
+    features,
+    fit_feature_draft,
+    load_feature_draft,
+    save_feature_draft,
+)
 from fednode.learning.models import PRESETS, ModelPreset, build_model
 from fednode.learning.tokenizer import build_tokenizer
 from tools.throughput.greedy_data import function_prompts, greedy_ragged
@@ -18,8 +26,12 @@ NEW = 30
 
 
 @pytest.fixture(scope="module")
-def private(tmp_path_factory):
-    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
+def tok(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def private(tok):
     model = build_model(FOUR, tok, seed=0).eval()
     with torch.no_grad():  # sharp, loud attention: varied greedy output, and a cache cropped wrong changes it
         for layer in model.model.layers:
@@ -163,3 +175,28 @@ def test_function_prompts_are_def_lines_with_docstrings(tmp_path):
     found = sorted(function_prompts([tmp_path / "a.py", tmp_path / "broken.py", tmp_path / "latin.py"], 10, 0))
     assert found == ['@staticmethod\ndef m(x):\n    """Return x, unchanged."""\n',
                      'def walk(top):\n    """Walk a directory tree, top down."""\n']
+
+
+def test_a_saved_draft_loads_back_exactly_and_a_bad_file_is_one_clear_error(private, trained, tok, tmp_path):
+    draft = trained[0]
+    subset = FeatureDraft(private).use_subset_head(torch.arange(5, 200))
+    with torch.no_grad():
+        subset.fc.weight.copy_(draft.fc.weight)
+        subset.body.layers[0].load_state_dict(draft.body.layers[0].state_dict())
+    path = tmp_path / "d" / "draft.safetensors"
+    save_feature_draft(subset, private, path)
+    back = load_feature_draft(private, path)
+    prompt = torch.tensor([_prompt(10)])
+    with torch.no_grad():
+        f = features(private, prompt)
+        x = prompt[:, 1:]
+        assert torch.equal(back.logits(back(f[:, :-1], x)), subset.logits(subset(f[:, :-1], x)))
+    assert torch.equal(back.row_ids(), torch.arange(5, 200))
+    assert not list(path.parent.glob(".*.tmp"))  # written through a temporary file, then renamed
+    (tmp_path / "junk").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable feature-draft file.*delete it"):
+        load_feature_draft(private, tmp_path / "junk")
+    other = build_model(ModelPreset(name="wide", hidden_size=48, intermediate_size=64, num_layers=2, num_heads=2,
+                                    vocab_size=FOUR.vocab_size, max_positions=64), tok, seed=0)
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_feature_draft(other, path)

@@ -320,6 +320,24 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert "feature draft (EAGLE)" in (out / "throughput.md").read_text()
 
 
+def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
+    args = ["--preset", "micro", "--limit", "1", "--max-new-tokens", "6", "--batch-sizes", "1", "--draft",
+            "features", "--exit-steps", "2", "--draft-vocab", "64", "--draft-length", "2", "--greedy-prompts", "20",
+            "--greedy-tokens", "3", "--train-steps", "0", "--cache", str(tmp_path / "cache"),
+            "--draft-file", str(tmp_path / "draft.safetensors")]
+    first = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "draft.safetensors").is_file() and "saved to" in first.output
+    again = CliRunner().invoke(throughput, [*args, "--dtype", "bfloat16", "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    data = json.loads((tmp_path / "b" / "throughput.json").read_text())
+    assert "loaded from a file" in data["draft_training"]["method"] and data["dtype"] == "bfloat16"
+    assert "greedy data" not in again.output  # nothing trained the second time
+    (tmp_path / "draft.safetensors").write_bytes(b"junk")
+    bad = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 1 and "not a readable feature-draft file" in _error_line(bad)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--draft", "self", "--exit-data", "code", "--exit-loss", "top1"], "apply to --exit-data greedy"),
     (["--draft", "self", "--exit-data", "code", "--greedy-prompts", "8"], "apply to --exit-data greedy"),
@@ -330,6 +348,7 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     (["--draft", "features", "--exit-layers", "3"], "apply to --draft self: the feature"),
     (["--draft", "features", "--loop", "transformers"], "only the own loop"),
     (["--dtype", "float16"], "Invalid value for '--dtype'"),
+    (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path)])

@@ -20,16 +20,21 @@ P is never changed; every committed token is still P's argmax, so the output is 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from fednode.learning.early_exit import SubsetHead
 
 IGNORE = -100
+FILE_FORMAT = "fednode-feature-draft-1"
 TOKEN_LOSS_WEIGHT = 0.1  # EAGLE's weight of the token cross-entropy beside the feature regression
 MIX_INIT = 0.5  # fc starts as the mean of the feature and the embedding: a finite, scale-matched input
 
@@ -250,3 +255,52 @@ def fit_feature_draft(draft: FeatureDraft, train: FeatureSet, held: FeatureSet, 
         draft.eval()
     return FeatureFit(steps, len(train), time.perf_counter() - started, lr, before, feature_agreement(draft, held),
                       last)
+
+
+def _own_state(draft: FeatureDraft) -> dict[str, torch.Tensor]:
+    return {**{f"fc.{k}": v for k, v in draft.fc.state_dict().items()},
+            **{f"layer.{k}": v for k, v in draft.body.layers[0].state_dict().items()}}
+
+
+def _shape_of(private) -> dict[str, str]:
+    c = private.config
+    return {"hidden_size": str(c.hidden_size), "vocab_size": str(c.vocab_size), "model_type": str(c.model_type)}
+
+
+def save_feature_draft(draft: FeatureDraft, private, path: Path) -> None:
+    """The draft's own weights (fc, layer) and subset-head ids as safetensors, written atomically."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in _own_state(draft).items()}
+    ids = draft.row_ids()
+    if ids is not None:
+        tensors["head_index"] = ids.detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": FILE_FORMAT, **_shape_of(private)})
+    os.replace(tmp, path)
+
+
+def load_feature_draft(private, path: Path) -> FeatureDraft:
+    """A draft saved by `save_feature_draft` for a model of P's shape; ValueError naming what is wrong."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable feature-draft file ({exc}): delete it to train a new one") from None
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FILE_FORMAT!r}: delete it to train anew")
+    if {k: meta.get(k) for k in _shape_of(private)} != _shape_of(private):
+        raise ValueError(f"{path}: trained for another model ({meta}): delete it to train one for this model")
+    draft = FeatureDraft(private)
+    index = tensors.pop("head_index", None)
+    if index is not None:
+        draft.use_subset_head(index)
+    own = _own_state(draft)
+    if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
+        raise ValueError(f"{path}: its tensors do not fit this model's feature draft: delete it to train anew")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise ValueError(f"{path}: holds non-finite weights: delete it to train anew")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(tensors[k].to(v.dtype))
+    return draft.eval()

@@ -136,6 +136,9 @@ class _Say:
                    "[default: 3 tiny-cpu, 2 smollm2-135m, 1 micro].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Model init, data and batch seed.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, or cuda when available.")
+@click.option("--draft-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--draft features: load the trained draft from this file if it exists (no training), else "
+                   "train it and save it here (safetensors), e.g. to measure it again with another --dtype.")
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
                    "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
@@ -148,7 +151,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
-               compare_loops: bool, dtype: str) -> None:
+               compare_loops: bool, dtype: str, draft_file: Path | None) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -176,6 +179,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
+    if draft_file is not None and draft_kind != "features":
+        raise click.UsageError("--draft-file applies to --draft features")
     if draft_kind == "features" and (loop == "transformers" or compare_loops):
         raise click.UsageError("--draft features reads the private model's features: only the own loop runs it "
                                "(drop --loop transformers / --compare-loops)")
@@ -209,7 +214,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    exit_kind=exit_kind, exit_steps=_exit_steps(draft_kind, preset, exit_steps),
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
-                   greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype)
+                   greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
+                   draft_file=draft_file)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fednode.learning.early_exit import coverage
-from fednode.learning.feature_draft import FeatureDraft
+from fednode.learning.feature_draft import FeatureDraft, load_feature_draft, save_feature_draft
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
 from tools.throughput.draft import local_code, local_files, train_draft
@@ -68,6 +68,7 @@ class Options:
     greedy_tokens: int = 0  # self, greedy data: tokens P generates per prompt (0: the default)
     compare_loops: bool = False  # also time the other drafted loop on the same draft and prompts
     dtype: str = "float32"  # generation dtype of P and the draft (training stays float32)
+    draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -93,10 +94,22 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
     if opts.draft_kind == "features":
         plan = FeaturePlan.of(opts.greedy_prompts, opts.greedy_tokens, opts.exit_steps, opts.exit_lr)
         try:
+            if opts.draft_file is not None and opts.draft_file.exists():
+                say(f"feature draft: loading {opts.draft_file} (delete it to train a new one)")
+                loaded = load_feature_draft(pair.private, opts.draft_file)
+                ids = loaded.row_ids()
+                return pair, loaded, None, {
+                    "method": "feature draft (EAGLE) loaded from a file trained by an earlier run",
+                    "file": str(opts.draft_file), "exit_data": "function prompts", "steps": None,
+                    "vocab": None if ids is None else int(ids.numel())}
             draft, info = build_feature_draft(pair.private, pair.tokenizer, local_files(opts.seed),
                                               vocab=opts.draft_vocab, seed=opts.seed, plan=plan, progress=say)
         except ValueError as exc:
             raise BenchFailure(f"--draft features: {exc}") from None
+        if opts.draft_file is not None:
+            save_feature_draft(draft, pair.private, opts.draft_file)
+            info["file"] = str(opts.draft_file)
+            say(f"feature draft: saved to {opts.draft_file}")
         return pair, draft, None, info
     if opts.draft_kind == "self":
         data = local_code(pair.tokenizer, SEQ, DATA_TOKENS, opts.seed)

@@ -238,6 +238,20 @@ def test_speedup_bound_matches_leviathan_and_picks_the_draft_length_by_acceptanc
         speedup_bound(1.5, 2, 0.1)
 
 
+def test_the_draft_length_pays_for_the_measured_verification_cost_of_its_shape():
+    from tools.throughput.metrics import best_draft_length_measured, speedup_with_verify_cost
+
+    verify = [0.9, 1.3, 3.0, 1.4, 1.45]  # verifying 3 tokens (length 2) is a slow kernel shape here
+    length, expected = best_draft_length_measured(0.8, 0.05, verify)
+    assert length == 4 and expected == pytest.approx((1 - 0.8 ** 5) / 0.2 / (4 * 0.05 + 1.45))
+    assert speedup_with_verify_cost(0.8, 0, 0.05, verify) == pytest.approx(1 / 0.9)  # the loop drafting nothing
+    assert best_draft_length_measured(0.05, 0.3, [1.0, 1.6, 1.7])[0] == 0  # it does not pay: do not draft
+    with pytest.raises(ValueError, match="verifying 4 tokens"):
+        speedup_with_verify_cost(0.5, 3, 0.1, [1.0, 1.2, 1.3])
+    with pytest.raises(ValueError, match="> 0"):
+        best_draft_length_measured(0.5, 0.1, [1.0, 0.0])
+
+
 def test_alpha_is_recovered_from_tokens_per_target_call():
     from tools.throughput.metrics import alpha_from_tokens_per_call
 
@@ -314,6 +328,7 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert info["steps"] == 2 and info["vocab"] >= 64 and 0.0 <= info["agreement_after"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
     assert data["assisted"]["cost"] > 0 and data["assisted"]["loop_split"]["verified_tokens"] == 4
+    assert len(data["assisted"]["verify_costs"]) == 9 and min(data["assisted"]["verify_costs"]) > 0
     bare = data["assisted"]["own_loop_no_draft"]  # the own loop with no draft: P's greedy tokens, one per forward
     assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating

@@ -29,11 +29,20 @@ def estimate_alpha(acceptance: metrics.Acceptance | None, gamma: int) -> float |
 
 
 def calibrate(private, draft, prompts: Sequence[Sequence[int]], config: GenerationConfig, cost: float,
-              tokenizers: tuple | None = None, loop: str = "transformers") -> dict[str, Any]:
-    """{'length', 'alpha', 'cost', 'bound'}: the length to draft at, from a run at CALIBRATION_LENGTH."""
+              tokenizers: tuple | None = None, loop: str = "transformers",
+              verify: Sequence[float] | None = None) -> dict[str, Any]:
+    """{'length', 'alpha', 'cost', 'bound', 'expected'}: the length to draft at, from a run at
+    CALIBRATION_LENGTH. With measured verification costs (`verify`, the own loop) the length
+    maximises the speedup expected with them (`expected`), else Leviathan's bound."""
     probe = time_drafted(loop, private, draft, prompts, config, CALIBRATION_LENGTH, tokenizers=tokenizers)
     alpha = estimate_alpha(probe.acceptance, CALIBRATION_LENGTH)
     if alpha is None:  # token spaces translated: no acceptance to go by; draft at the calibration length
-        return {"length": CALIBRATION_LENGTH, "alpha": None, "cost": cost, "bound": None, "prompts": len(prompts)}
+        return {"length": CALIBRATION_LENGTH, "alpha": None, "cost": cost, "bound": None, "expected": None,
+                "prompts": len(prompts)}
+    if verify:
+        length, expected = metrics.best_draft_length_measured(alpha, cost, verify)
+        return {"length": length, "alpha": alpha, "cost": cost, "bound": metrics.speedup_bound(alpha, length, cost),
+                "expected": expected, "prompts": len(prompts)}
     length, bound = metrics.best_draft_length(alpha, cost)
-    return {"length": length, "alpha": alpha, "cost": cost, "bound": bound, "prompts": len(prompts)}
+    return {"length": length, "alpha": alpha, "cost": cost, "bound": bound, "expected": None,
+            "prompts": len(prompts)}

@@ -38,6 +38,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "alpha": a["alpha"], "cost": a["cost"], "head_coverage": a["head_coverage"],
         "bound": a["bound"], "best_bound": a["best_bound"], "loop": a.get("loop"),
         "other_loop": a.get("other_loop"),
+        "expected_with_verify_cost": a.get("expected_with_verify_cost"),
         "speedup_vs_own_loop_no_draft": (a.get("own_loop_no_draft") or {}).get("draft_speedup"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
@@ -95,6 +96,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         f"Leviathan's bound **{_fmt(a['bound'])}** at that length, {_fmt(a['best_bound'])} at the best length",
         f"- draft length: {_length_line(a['draft_length_choice'])}",
         *_own_plain_line(a.get("own_loop_no_draft")),
+        *_verify_line(a.get("verify_costs"), a.get("expected_with_verify_cost")),
         f"- draft settings: {a['settings']}; tokenizer shared: {a['tokenizer']['shared']} ({a['tokenizer']['note']})",
         f"- loop: {a.get('loop')} (own: one draft forward per draft token and one private-model forward per step; "
         "transformers: assisted generation); drafting is measured at batch 1 only",
@@ -129,6 +131,14 @@ def _draft_line(result: dict[str, Any]) -> str:
             f"{'' if ok else ', NOT met'})")
 
 
+def _verify_line(verify: list[float] | None, expected: float | None) -> list[str]:
+    if not verify:
+        return []
+    costs = ", ".join(f"{n}: {v:.2f}" for n, v in enumerate(verify, 1))
+    return [f"- one private-model forward over n tokens, in plain tokens (Leviathan takes 1): {costs}; the speedup "
+            f"expected at the measured alpha, c and these costs: **{_fmt(expected)}**"]
+
+
 def _own_plain_line(own: dict[str, Any] | None) -> list[str]:
     if own is None:
         return []
@@ -157,8 +167,10 @@ def _length_line(choice: dict[str, Any]) -> str:
         return "fixed by --draft-length"
     if choice["alpha"] is None:
         return "calibration gave no acceptance (token spaces translated): the calibration length"
+    expected = choice.get("expected")
+    by = "" if expected is None else f", expected with the measured verification costs {expected:.2f}"
     return (f"chosen by acceptance: alpha {choice['alpha']:.3f} and c {choice['cost']:.3f} on {choice['prompts']} "
-            f"calibration prompts give length {choice['length']} (bound {choice['bound']:.2f}"
+            f"calibration prompts give length {choice['length']} (bound {choice['bound']:.2f}{by}"
             f"{'; 0 = do not draft, measured at 1' if choice['length'] == 0 else ''})")
 
 

@@ -30,7 +30,7 @@ from tools.throughput.generation import (
 )
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
 from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
-from tools.throughput.speculative import time_drafted, time_feature_draft
+from tools.throughput.speculative import MAX_VERIFY, time_drafted, time_feature_draft, verify_costs
 from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
@@ -193,12 +193,17 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     loop = opts.loop or ("own" if level is None else "transformers")
     if loop == "own" and tokenizers is not None:
         raise BenchFailure("--loop own needs a draft in the private model's token space: use --loop transformers")
+    verify = None
+    if loop == "own" and len(calibration[0]) > MAX_VERIFY:  # a step is one forward over length + 1 tokens
+        verify = verify_costs(pair.private, calibration[0], plain_b1.seconds / plain_b1.tokens)
+        say("verification costs (1..9 tokens, in plain tokens): " + " ".join(f"{v:.2f}" for v in verify))
     if opts.draft_length is None:
         say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
-        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop)
+        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop, verify=verify)
         say(f"draft length {chosen['length']} (acceptance alpha {chosen['alpha']}, bound {chosen['bound']})")
     else:
-        chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "prompts": 0}
+        chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
+                  "prompts": 0}
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
     say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step, {loop} loop), batch 1")
@@ -239,6 +244,9 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "cost": cost, "alpha": alpha, "draft_length": length, "draft_length_choice": chosen,
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
+               "verify_costs": verify,
+               "expected_with_verify_cost": None if alpha is None or verify is None or length >= len(verify)
+               else metrics.speedup_with_verify_cost(alpha, length, cost, verify),
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
                "loop_split": _split(assisted, plain_b1, length, alpha), "own_loop_no_draft": own_plain, **acc}

@@ -185,6 +185,35 @@ def time_feature_draft(target, draft: FeatureDraft, prompts: Sequence[Sequence[i
     return run
 
 
+MAX_VERIFY = 9  # verification costs measured for 1..9 tokens: draft lengths up to 8
+
+
+@torch.no_grad()
+def verify_costs(target, prompt: Sequence[int], token_seconds: float, max_tokens: int = MAX_VERIFY,
+                 reps: int = 5) -> list[float]:
+    """v[n - 1]: one cached forward of the target over n = 1..max_tokens tokens (median of `reps`), in
+    units of `token_seconds` (one plain greedy token). Leviathan's bound takes every v as 1; on a CPU
+    a forward over a few tokens costs more than one, and not monotonically (kernels differ by shape)."""
+    if len(prompt) <= max_tokens or token_seconds <= 0:
+        raise ValueError(f"need a prompt longer than {max_tokens} tokens and a plain token time > 0")
+    device = next(target.parameters()).device
+    cache = DynamicCache()
+    start = len(prompt) - max_tokens
+    target(input_ids=_ids(prompt[:start], device), cache=cache, use_cache=True, logits_to_keep=1)
+    costs = []
+    for n in range(1, max_tokens + 1):
+        times = []
+        for _ in range(reps):
+            sync(device)
+            began = time.perf_counter()
+            target(input_ids=_ids(prompt[start:start + n], device), cache=cache, use_cache=True, logits_to_keep=n)
+            sync(device)
+            times.append(time.perf_counter() - began)
+            _crop(cache, start)
+        costs.append(sorted(times)[reps // 2] / token_seconds)
+    return costs
+
+
 def banned_ids(config) -> tuple[int, ...]:
     """The ids transformers masks for the whole run: EOS when min_new_tokens forces max_new_tokens."""
     eos = config.eos_token_id

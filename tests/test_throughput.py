@@ -317,7 +317,8 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     result = CliRunner().invoke(throughput, ["--preset", "micro", "--limit", "1", "--max-new-tokens", "8",
                                              "--batch-sizes", "1", "--draft", "features", "--exit-steps", "2",
                                              "--draft-vocab", "64", "--draft-length", "3", "--greedy-prompts", "20",
-                                             "--greedy-tokens", "4", "--train-steps", "1", "--cache",
+                                             "--greedy-tokens", "4", "--train-steps", "1", "--agreement-prompts",
+                                             "6", "--cache",
                                              str(tmp_path / "cache"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     last = json.loads(result.stdout.strip().splitlines()[-1])
@@ -326,6 +327,8 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     data = json.loads((out / "throughput.json").read_text())
     info = data["draft_training"]
     assert info["steps"] == 2 and info["vocab"] >= 64 and 0.0 <= info["agreement_after"] <= 1.0
+    he = info["humaneval_agreement"]
+    assert he["prompts"] == 6 and he["positions"] == 6 * 8 and 0.0 <= last["humaneval_agreement"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
     assert data["assisted"]["cost"] > 0 and data["assisted"]["loop_split"]["verified_tokens"] == 4
     assert len(data["assisted"]["verify_costs"]) == 9 and min(data["assisted"]["verify_costs"]) > 0
@@ -338,8 +341,8 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
 def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     args = ["--preset", "micro", "--limit", "1", "--max-new-tokens", "6", "--batch-sizes", "1", "--draft",
             "features", "--exit-steps", "2", "--draft-vocab", "64", "--draft-length", "2", "--greedy-prompts", "20",
-            "--greedy-tokens", "3", "--train-steps", "0", "--cache", str(tmp_path / "cache"),
-            "--draft-file", str(tmp_path / "draft.safetensors")]
+            "--greedy-tokens", "3", "--train-steps", "0", "--agreement-prompts", "0", "--cache",
+            str(tmp_path / "cache"), "--draft-file", str(tmp_path / "draft.safetensors")]
     first = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "draft.safetensors").is_file() and "saved to" in first.output

@@ -139,6 +139,10 @@ class _Say:
 @click.option("--draft-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="--draft features: load the trained draft from this file if it exists (no training), else "
                    "train it and save it here (safetensors), e.g. to measure it again with another --dtype.")
+@click.option("--agreement-prompts", type=click.IntRange(min=0, max=164), default=164, show_default=True,
+              help="--draft features: the draft's first-token agreement with P's greedy output on the first N "
+                   "HumanEval prompts, teacher-forced (a steadier acceptance figure than the few timed prompts); "
+                   "0 skips it.")
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
                    "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
@@ -151,7 +155,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
-               compare_loops: bool, dtype: str, draft_file: Path | None) -> None:
+               compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -215,7 +219,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
-                   draft_file=draft_file)
+                   draft_file=draft_file, agreement_prompts=agreement_prompts)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -42,6 +42,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "speedup_vs_own_loop_no_draft": (a.get("own_loop_no_draft") or {}).get("draft_speedup"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
+        "humaneval_agreement": (result["draft_training"].get("humaneval_agreement") or {}).get("agreement"),
         "generated_tokens": result["draft_training"].get("generated_tokens"),
         "private_tokens_per_s": {str(bs): tps("private", bs) for bs in result["batch_sizes"]},
         "assisted_tokens_per_s": tps("private+draft", 1),
@@ -116,9 +117,8 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
 
 def _draft_line(result: dict[str, Any]) -> str:
     a, t = result["assisted"], result["draft_training"]
-    if a["draft_kind"] == "features":
-        head = "" if t["vocab"] is None else (
-            f"; head over {t['vocab']:,} tokens, covering {a['head_coverage']:.1%} of P's greedy output tokens")
+    if a["draft_kind"] == "features":  # the method names the head; say how much of P's output it covers
+        head = "" if t["vocab"] is None else f"; the head covers {a['head_coverage']:.1%} of P's greedy output tokens"
         return f"{t['method']}{head}"
     if a["draft_kind"] == "self":
         head = "" if t["vocab"] is None else (
@@ -159,6 +159,10 @@ def _training_line(t: dict[str, Any]) -> str:
     if t.get("agreement_after") is not None:
         line += (f"; top-1 agreement with P {t['agreement_before']:.3f} -> {t['agreement_after']:.3f}"
                  f" on {t.get('agreement_on', 'held-out code')}")
+    he = t.get("humaneval_agreement")
+    if he is not None:
+        line += (f"; **first-token agreement with P's greedy output on {he['prompts']} HumanEval prompts "
+                 f"{he['agreement']:.3f}** ({he['positions']:,} positions, teacher-forced)")
     return line
 
 

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 
 from fednode.learning.early_exit import coverage
-from fednode.learning.feature_draft import FeatureDraft, load_feature_draft, save_feature_draft
+from fednode.learning.feature_draft import (
+    FeatureDraft,
+    FeatureSet,
+    feature_agreement,
+    load_feature_draft,
+    save_feature_draft,
+)
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
 from tools.throughput.draft import local_code, local_files, train_draft
@@ -28,6 +34,7 @@ from tools.throughput.generation import (
     greedy_config,
     time_plain,
 )
+from tools.throughput.greedy_data import greedy_ragged
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
 from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
 from tools.throughput.speculative import MAX_VERIFY, time_drafted, time_feature_draft, verify_costs
@@ -69,6 +76,7 @@ class Options:
     compare_loops: bool = False  # also time the other drafted loop on the same draft and prompts
     dtype: str = "float32"  # generation dtype of P and the draft (training stays float32)
     draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
+    agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -253,6 +261,21 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     return rows, summary
 
 
+def _humaneval_agreement(opts: Options, pair: Pair, draft: FeatureDraft, say: Progress) -> dict[str, Any]:
+    """The draft's first-token agreement with P on P's greedy output for many HumanEval prompts
+    (teacher-forced: the acceptance at length 1, over far more prompts than the timed ones)."""
+    problems = load_problems(opts.agreement_prompts)
+    keep = min(opts.prompt_tokens, pair.private.config.max_position_embeddings - opts.max_new_tokens - 1)
+    prompts = encode_prompts(pair.tokenizer, problems, keep)
+    eos = int(pair.tokenizer.eos_token_id)
+    say(f"feature draft: its agreement with P's greedy output on {len(prompts)} HumanEval prompts (teacher-forced)")
+    out = greedy_ragged(pair.private, prompts, new_tokens=opts.max_new_tokens, eos=eos)
+    scored = FeatureSet.build(pair.private, out.sequences, out.starts, pad=eos)
+    value = feature_agreement(draft, scored)
+    say(f"feature draft: agreement {value:.3f} over {int(scored.counted.sum()):,} positions")
+    return {"prompts": len(prompts), "positions": int(scored.counted.sum()), "agreement": value}
+
+
 def _draft_kind(level: int | None, draft) -> str:
     if isinstance(draft, FeatureDraft):
         return "features"
@@ -282,6 +305,8 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     say(f"loading preset {opts.preset}")
     pair = load_pair(opts.preset, opts.seed, opts.cache)
     pair, draft, level, draft_info = _models(opts, pair, say)
+    if isinstance(draft, FeatureDraft) and opts.agreement_prompts > 0:
+        draft_info["humaneval_agreement"] = _humaneval_agreement(opts, pair, draft, say)
     dtype = DTYPES[opts.dtype]  # after training (which runs in float32): only generation uses it
     pair.private.to(opts.device, dtype)
     draft.to(opts.device, dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import FOUR, forced_config, greedy_tokens, random_prompt, sharp_four_layer_model
 from transformers import GenerationConfig
 
 from fednode.learning.feature_draft import (
@@ -15,13 +16,11 @@ from fednode.learning.feature_draft import (
     load_feature_draft,
     save_feature_draft,
 )
-from fednode.learning.models import PRESETS, ModelPreset, build_model
+from fednode.learning.models import ModelPreset, build_model
 from fednode.learning.tokenizer import build_tokenizer
 from tools.throughput.greedy_data import function_prompts, greedy_ragged
 from tools.throughput.speculative import banned_ids, feature_speculative_greedy, time_feature_draft, time_speculative
 
-FOUR = ModelPreset(name="four", hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
-                   vocab_size=PRESETS["micro"].vocab_size, max_positions=160)
 NEW = 30
 
 
@@ -31,32 +30,20 @@ def tok(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def private(tok):
-    model = build_model(FOUR, tok, seed=0).eval()
-    with torch.no_grad():  # sharp, loud attention: varied greedy output, and a cache cropped wrong changes it
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(12.0)
-            layer.self_attn.k_proj.weight.mul_(12.0)
-            layer.self_attn.o_proj.weight.mul_(20.0)
-    return model
+def private(tmp_path_factory):
+    return sharp_four_layer_model(tmp_path_factory.mktemp("tok"))
 
 
 def _prompt(seed: int, n: int = 11) -> list[int]:
-    return torch.randint(5, FOUR.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompt(seed, n)
 
 
 def _config(private, new: int = NEW) -> GenerationConfig:
-    eos = private.config.eos_token_id
-    return GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
-                            pad_token_id=eos)
+    return forced_config(private, new)
 
 
 def _greedy(private, prompt: list[int], new: int = NEW) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               generation_config=_config(private, new))
-    return out[0, len(prompt):].tolist()
+    return greedy_tokens(private, prompt, new)
 
 
 @pytest.fixture(scope="module")

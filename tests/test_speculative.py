@@ -4,50 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_models import FOUR, forced_config, greedy_tokens, random_prompt, sharp_four_layer_model
 from transformers import GenerationConfig
 
 from fednode.learning.early_exit import early_exit_draft, with_subset_head
-from fednode.learning.models import PRESETS, ModelPreset, build_model
-from fednode.learning.tokenizer import build_tokenizer
 from tools.throughput.speculative import banned_ids, speculative_greedy, time_speculative
 
-FOUR = ModelPreset(name="four", hidden_size=32, intermediate_size=64, num_layers=4, num_heads=2,
-                   vocab_size=PRESETS["micro"].vocab_size, max_positions=128)
 NEW = 30
-SHARP = 12.0
-LOUD = 20.0
 
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory):
-    """A random Llama with sharp attention: its next token depends on which past positions are cached,
-    so a cache cropped one token wrong changes the output (with near-uniform attention it may not)."""
-    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=FOUR.vocab_size)
-    model = build_model(FOUR, tok, seed=0).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(SHARP)
-            layer.self_attn.k_proj.weight.mul_(SHARP)
-            layer.self_attn.o_proj.weight.mul_(LOUD)
-    return model
+    return sharp_four_layer_model(tmp_path_factory.mktemp("tok"))
 
 
 def _config(private, new: int = NEW) -> GenerationConfig:
-    eos = private.config.eos_token_id
-    return GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=eos,
-                            pad_token_id=eos)
+    return forced_config(private, new)
 
 
 def _prompt(seed: int) -> list[int]:
-    return torch.randint(5, FOUR.vocab_size, (11,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_prompt(seed)
 
 
 def _greedy(private, prompt: list[int], new: int = NEW) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = private.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               generation_config=_config(private, new))
-    return out[0, len(prompt):].tolist()
+    return greedy_tokens(private, prompt, new)
 
 
 @pytest.mark.parametrize("length", [1, 3, 7])

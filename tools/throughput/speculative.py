@@ -62,20 +62,56 @@ def _ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([list(tokens)], dtype=torch.long, device=device)
 
 
+class _Steps:
+    """One decode's committed tokens and counts: what both loops share around their forwards."""
+
+    def __init__(self, prompt: Sequence[int], max_new_tokens: int, length: int) -> None:
+        if max_new_tokens < 1 or length < 0 or not prompt:
+            raise ValueError(f"need a prompt, max_new_tokens >= 1 and length >= 0 (got {len(prompt)}, "
+                             f"{max_new_tokens}, {length})")
+        self.prompt, self.max_new, self.length = len(prompt), max_new_tokens, length
+        self.seq = list(prompt)
+        self.calls = self.proposed = self.accepted = 0
+        self.t_time = self.d_time = self.first_time = 0.0
+
+    @property
+    def running(self) -> bool:
+        return len(self.seq) - self.prompt < self.max_new
+
+    def draft_length(self) -> int:
+        return min(self.length, self.max_new - (len(self.seq) - self.prompt) - 1)  # never draft past the end
+
+    def commit(self, drafts: list[int], best: list[int], drafted_at: float) -> int:
+        """Keep the longest prefix of `drafts` matching the target's argmax `best`, then the target's own
+        next token; returns how many drafts were kept. `best[i]` follows seq + drafts[:i]."""
+        spent = time.perf_counter() - drafted_at
+        if self.calls:
+            self.t_time += spent
+        else:
+            self.first_time = spent  # the first call reads the prompt too
+        self.calls += 1
+        m = 0
+        while m < len(drafts) and drafts[m] == best[m]:
+            m += 1
+        self.seq += [*drafts[:m], best[m]]
+        self.proposed += len(drafts)
+        self.accepted += m
+        return m
+
+    def decoded(self) -> Decoded:
+        return Decoded(self.seq[self.prompt:], self.calls, self.proposed, self.accepted, self.t_time, self.d_time,
+                       self.first_time)
+
+
 @torch.no_grad()
 def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int, length: int,
                        banned: Sequence[int] = ()) -> Decoded:
     """Exactly `max_new_tokens` greedy tokens of `target` after `prompt`, drafted `length` at a time."""
-    if max_new_tokens < 1 or length < 0 or not prompt:
-        raise ValueError(f"need a prompt, max_new_tokens >= 1 and length >= 0 (got {len(prompt)}, "
-                         f"{max_new_tokens}, {length})")
+    steps = _Steps(prompt, max_new_tokens, length)
     device = next(target.parameters()).device
     t_cache, d_cache = DynamicCache(), DynamicCache()
-    seq, calls, proposed, accepted = list(prompt), 0, 0, 0
-    t_time = d_time = first_time = 0.0
-    while len(seq) - len(prompt) < max_new_tokens:
-        committed = len(seq)
-        k = min(length, max_new_tokens - (committed - len(prompt)) - 1)  # never draft past the end
+    while steps.running:
+        seq, committed, k = steps.seq, len(steps.seq), steps.draft_length()
         drafts: list[int] = []
         pending = seq[d_cache.get_seq_length():]  # committed tokens the draft has not seen yet
         started = time.perf_counter()
@@ -84,25 +120,14 @@ def speculative_greedy(target, draft, prompt: Sequence[int], max_new_tokens: int
             drafts.append(int(_argmax(out.logits[0, -1], banned)))
             pending = drafts[-1:]
         drafted = time.perf_counter()
-        d_time += drafted - started
+        steps.d_time += drafted - started
         fed = [*seq[t_cache.get_seq_length():], *drafts]  # the whole prompt on the first call (as transformers)
         logits = target(input_ids=_ids(fed, device), cache=t_cache, use_cache=True, logits_to_keep=k + 1).logits
-        best = _argmax(logits[0], banned).tolist()  # best[i]: the target's token after seq + drafts[:i]
-        if calls:
-            t_time += time.perf_counter() - drafted
-        else:
-            first_time = time.perf_counter() - drafted
-        calls += 1
-        m = 0
-        while m < k and drafts[m] == best[m]:
-            m += 1
-        seq += [*drafts[:m], best[m]]
-        proposed += k
-        accepted += m
-        _crop(t_cache, len(seq) - 1)  # the target has seen every committed token but the newest
+        m = steps.commit(drafts, _argmax(logits[0], banned).tolist(), drafted)
+        _crop(t_cache, len(steps.seq) - 1)  # the target has seen every committed token but the newest
         if k:
             _crop(d_cache, committed + min(m, k - 1))  # the draft saw seq[:committed] and drafts[:k-1]
-    return Decoded(seq[len(prompt):], calls, proposed, accepted, t_time, d_time, first_time)
+    return steps.decoded()
 
 
 @torch.no_grad()
@@ -115,19 +140,16 @@ def feature_speculative_greedy(target, draft: FeatureDraft, prompt: Sequence[int
     (feats[j], seq[j + 1]); it first catches up on the positions committed since its last step
     (true features), then drafts on its own predicted features, and is cropped back to the true ones.
     """
-    if max_new_tokens < 1 or length < 0 or not prompt:
-        raise ValueError(f"need a prompt, max_new_tokens >= 1 and length >= 0 (got {len(prompt)}, "
-                         f"{max_new_tokens}, {length})")
+    steps = _Steps(prompt, max_new_tokens, length)
     device = next(target.parameters()).device
     t_cache, d_cache = DynamicCache(), DynamicCache()
-    seq, calls, proposed, accepted = list(prompt), 0, 0, 0
     feats: torch.Tensor | None = None  # (1, n, H): the target's features of seq[:n], n = what it has seen
-    t_time = d_time = first_time = 0.0
-    while len(seq) - len(prompt) < max_new_tokens:
-        k = min(length, max_new_tokens - (len(seq) - len(prompt)) - 1) if feats is not None else 0
+    while steps.running:
+        seq = steps.seq
+        k = steps.draft_length() if feats is not None else 0  # the first call reads the prompt: no features yet
         drafts: list[int] = []
         started = time.perf_counter()
-        if k:
+        if k and feats is not None:
             seen, n = d_cache.get_seq_length(), feats.shape[1]
             hidden = draft(feats[:, seen:n], _ids(seq[seen + 1:n + 1], device), cache=d_cache)[:, -1:]
             for i in range(k):
@@ -136,25 +158,14 @@ def feature_speculative_greedy(target, draft: FeatureDraft, prompt: Sequence[int
                     hidden = draft(hidden, _ids(drafts[-1:], device), cache=d_cache)
             _crop(d_cache, n)  # positions drafted on predicted features are redone on the true ones
         drafted = time.perf_counter()
-        d_time += drafted - started
+        steps.d_time += drafted - started
         fed = [*seq[t_cache.get_seq_length():], *drafts]
         hidden_t = features(target, _ids(fed, device), cache=t_cache)
-        best = _argmax(target.lm_head(hidden_t[:, -(k + 1):])[0], banned).tolist()
-        if calls:
-            t_time += time.perf_counter() - drafted
-        else:
-            first_time = time.perf_counter() - drafted
-        calls += 1
-        m = 0
-        while m < k and drafts[m] == best[m]:
-            m += 1
-        seq += [*drafts[:m], best[m]]
-        proposed += k
-        accepted += m
+        m = steps.commit(drafts, _argmax(target.lm_head(hidden_t[:, -(k + 1):])[0], banned).tolist(), drafted)
         kept = hidden_t[:, :len(fed) - k + m]  # the target's features of the tokens now committed
         feats = kept if feats is None else torch.cat([feats, kept], 1)
-        _crop(t_cache, len(seq) - 1)
-    return Decoded(seq[len(prompt):], calls, proposed, accepted, t_time, d_time, first_time)
+        _crop(t_cache, len(steps.seq) - 1)
+    return steps.decoded()
 
 
 @torch.no_grad()

@@ -73,11 +73,11 @@ class FeatureDraft(torch.nn.Module):
         self.config = config  # P's, one layer deep: the token space (vocab, BOS/EOS/pad ids) is P's
         self.embed = inner.embed_tokens  # shared with P, not a parameter of the draft's own
         self.head = private.lm_head
-        weight = inner.layers[-1].mlp.down_proj.weight if hasattr(inner.layers[-1], "mlp") else self.fc.weight
-        self.fc.to(device=weight.device, dtype=weight.dtype)
+        like = next(private.parameters())  # P's device and dtype
+        self.fc.to(device=like.device, dtype=like.dtype)
         with torch.no_grad():
             self.fc.weight.zero_()
-            eye = torch.eye(hidden, device=weight.device, dtype=weight.dtype) * MIX_INIT
+            eye = torch.eye(hidden, device=like.device, dtype=like.dtype) * MIX_INIT
             self.fc.weight[:, :hidden] += eye
             self.fc.weight[:, hidden:] += eye
 

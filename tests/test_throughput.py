@@ -252,6 +252,18 @@ def test_the_draft_length_pays_for_the_measured_verification_cost_of_its_shape()
         best_draft_length_measured(0.5, 0.1, [1.0, 0.0])
 
 
+def test_a_loop_step_costs_its_forward_plus_what_the_loop_spends_beyond_it():
+    from tools.throughput.metrics import best_draft_length_measured
+    from tools.throughput.speculative import step_costs
+
+    forwards = [0.84, 1.35, 1.97, 1.44]  # bare forwards (measured on the 2-core CPU)
+    steps = step_costs(forwards, 1.0)  # the loop drafting nothing runs at plain speed: 0.16 per step is the loop's
+    assert steps == pytest.approx([1.0, 1.51, 2.13, 1.60])
+    assert best_draft_length_measured(0.3, 0.05, forwards)[1] == pytest.approx(1 / 0.84)  # a phantom 1.19x
+    assert best_draft_length_measured(0.3, 0.05, steps) == (0, pytest.approx(1.0))  # honest: do not draft
+    assert step_costs(forwards, 0.5) == forwards  # a loop faster than its forward (noise) adds nothing
+
+
 def test_alpha_is_recovered_from_tokens_per_target_call():
     from tools.throughput.metrics import alpha_from_tokens_per_call
 
@@ -331,7 +343,9 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert he["prompts"] == 6 and he["positions"] == 6 * 8 and 0.0 <= last["humaneval_agreement"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
     assert data["assisted"]["cost"] > 0 and data["assisted"]["loop_split"]["verified_tokens"] == 4
-    assert len(data["assisted"]["verify_costs"]) == 9 and min(data["assisted"]["verify_costs"]) > 0
+    a = data["assisted"]
+    steps, forwards = a["verify_costs"], a["forward_costs"]  # a loop step costs its forward and the loop's work
+    assert len(steps) == 9 and all(s >= f > 0 for s, f in zip(steps, forwards, strict=True))
     bare = data["assisted"]["own_loop_no_draft"]  # the own loop with no draft: P's greedy tokens, one per forward
     assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating

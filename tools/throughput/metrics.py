@@ -186,7 +186,7 @@ def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequ
 
 def best_draft_length_measured(alpha: float, cost: float, verify: Sequence[float]) -> tuple[int, float]:
     """The length (0..len(verify) - 1) maximising `speedup_with_verify_cost`, and that expected speedup
-    over plain decoding (below 1 at every length: drafting does not pay on this machine)."""
+    over plain decoding (length 0 when no length beats not drafting)."""
     best = max(range(len(verify)), key=lambda g: (speedup_with_verify_cost(alpha, g, cost, verify), -g))
     return best, speedup_with_verify_cost(alpha, best, cost, verify)
 

@@ -37,7 +37,7 @@ from tools.throughput.generation import (
 from tools.throughput.greedy_data import greedy_ragged
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
 from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
-from tools.throughput.speculative import MAX_VERIFY, time_drafted, time_feature_draft, verify_costs
+from tools.throughput.speculative import MAX_VERIFY, step_costs, time_drafted, time_feature_draft, verify_costs
 from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
@@ -201,10 +201,16 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     loop = opts.loop or ("own" if level is None else "transformers")
     if loop == "own" and tokenizers is not None:
         raise BenchFailure("--loop own needs a draft in the private model's token space: use --loop transformers")
-    verify = None
-    if loop == "own" and len(calibration[0]) > MAX_VERIFY:  # a step is one forward over length + 1 tokens
-        verify = verify_costs(pair.private, calibration[0], plain_b1.seconds / plain_b1.tokens)
-        say("verification costs (1..9 tokens, in plain tokens): " + " ".join(f"{v:.2f}" for v in verify))
+    bare = forwards = None
+    verify: list[float] | None = None
+    if loop == "own":  # the same loop drafting nothing: how much of a speedup is the loop, not the draft
+        say("the own loop with no draft (P alone, one private-model forward per token), batch 1")
+        bare = time_drafted("own", pair.private, draft, prompts, config, 0)
+    if bare is not None and len(calibration[0]) > MAX_VERIFY:  # a step is one forward over length + 1 tokens
+        token_s = plain_b1.seconds / plain_b1.tokens
+        forwards = verify_costs(pair.private, calibration[0], token_s)
+        verify = step_costs(forwards, bare.seconds / bare.tokens / token_s)
+        say("one loop step verifying 1..9 tokens, in plain tokens: " + " ".join(f"{v:.2f}" for v in verify))
     if opts.draft_length is None:
         say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
         chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop, verify=verify)
@@ -224,13 +230,10 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                                                        "assisted generation and the own loop); not measured"})
     identity = metrics.compare_outputs(plain_b1.outputs, assisted.outputs)
     speedup = metrics.draft_speedup(assisted.tokens_per_s, plain_b1.tokens_per_s)
-    own_plain = None
-    if loop == "own":  # the same loop drafting nothing: how much of the speedup is the loop, not the draft
-        say("the own loop with no draft (P alone, one private-model forward per token), batch 1")
-        bare = time_drafted("own", pair.private, draft, prompts, config, 0)
-        own_plain = {"tokens_per_s": bare.tokens_per_s, "identical": metrics.compare_outputs(
-            plain_b1.outputs, bare.outputs).identical,
-            "draft_speedup": metrics.draft_speedup(assisted.tokens_per_s, bare.tokens_per_s)}
+    own_plain = None if bare is None else {
+        "tokens_per_s": bare.tokens_per_s,
+        "identical": metrics.compare_outputs(plain_b1.outputs, bare.outputs).identical,
+        "draft_speedup": metrics.draft_speedup(assisted.tokens_per_s, bare.tokens_per_s)}
     other = None
     if opts.compare_loops and tokenizers is None and not isinstance(draft, FeatureDraft):
         other_loop = "transformers" if loop == "own" else "own"
@@ -252,7 +255,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "cost": cost, "alpha": alpha, "draft_length": length, "draft_length_choice": chosen,
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
-               "verify_costs": verify,
+               "forward_costs": forwards, "verify_costs": verify,
                "expected_with_verify_cost": None if alpha is None or verify is None or length >= len(verify)
                else metrics.speedup_with_verify_cost(alpha, length, cost, verify),
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
@@ -264,9 +267,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
 def _humaneval_agreement(opts: Options, pair: Pair, draft: FeatureDraft, say: Progress) -> dict[str, Any]:
     """The draft's first-token agreement with P on P's greedy output for many HumanEval prompts
     (teacher-forced: the acceptance at length 1, over far more prompts than the timed ones)."""
-    problems = load_problems(opts.agreement_prompts)
-    keep = min(opts.prompt_tokens, pair.private.config.max_position_embeddings - opts.max_new_tokens - 1)
-    prompts = encode_prompts(pair.tokenizer, problems, keep)
+    prompts = encode_prompts(pair.tokenizer, load_problems(opts.agreement_prompts), _prompt_keep(opts, pair))
     eos = int(pair.tokenizer.eos_token_id)
     say(f"feature draft: its agreement with P's greedy output on {len(prompts)} HumanEval prompts (teacher-forced)")
     out = greedy_ragged(pair.private, prompts, new_tokens=opts.max_new_tokens, eos=eos)
@@ -274,6 +275,15 @@ def _humaneval_agreement(opts: Options, pair: Pair, draft: FeatureDraft, say: Pr
     value = feature_agreement(draft, scored)
     say(f"feature draft: agreement {value:.3f} over {int(scored.counted.sum()):,} positions")
     return {"prompts": len(prompts), "positions": int(scored.counted.sum()), "agreement": value}
+
+
+def _prompt_keep(opts: Options, pair: Pair) -> int:
+    """How many prompt tokens fit before max_new_tokens in the models' context (ValueError: none)."""
+    keep = min(opts.prompt_tokens, min(pair.ladder.max_positions, pair.private.config.max_position_embeddings)
+               - opts.max_new_tokens - 1)
+    if keep < 1:
+        raise ValueError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the models' context")
+    return keep
 
 
 def _draft_kind(level: int | None, draft) -> str:
@@ -312,10 +322,7 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     draft.to(opts.device, dtype)
     problems = load_problems(opts.limit + CALIBRATION_PROMPTS)
     problems, spare = problems[:opts.limit], problems[opts.limit:]
-    keep = min(opts.prompt_tokens, min(pair.ladder.max_positions, pair.private.config.max_position_embeddings)
-               - opts.max_new_tokens - 1)
-    if keep < 1:
-        raise ValueError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the models' context")
+    keep = _prompt_keep(opts, pair)
     prompts = encode_prompts(pair.tokenizer, problems, keep)
     calibration = encode_prompts(pair.tokenizer, spare, keep) or prompts[:CALIBRATION_PROMPTS]
     rows, assisted = _generation(opts, pair, draft, level, prompts, calibration, say)

@@ -162,6 +162,7 @@ def test_cli_writes_report_and_last_line_json(tmp_path):
     a = data["assisted"]  # the draft length was chosen from a calibration run, and the bound is beside it
     assert a["draft_length_choice"]["prompts"] >= 1 and a["draft_length"] >= 1 and a["cost"] > 0
     assert a["alpha"] is not None and 0.0 <= a["alpha"] <= 1.0 and a["bound"] is not None
+    assert data["decode_layout"]["plan"] is not None  # auto by default, on a CPU
 
 
 def test_cli_self_draft_is_ps_own_prefix_and_keeps_its_greedy_output(tmp_path):
@@ -350,6 +351,10 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating
     assert "feature draft (EAGLE)" in (out / "throughput.md").read_text()
+    layout = data["decode_layout"]  # every figure ran with the layouts timed on this machine, reported
+    assert layout["mode"] == "auto" and set(layout["plan"]) == {str(n) for n in range(1, 10)}
+    assert set(layout["seconds"]["1"]) == {"linear", "w-xt", "x-wt"} and last["decode_plan"] == layout["plan"]
+    assert "decode layout" in (out / "throughput.md").read_text()
 
 
 def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):

@@ -146,6 +146,10 @@ class _Say:
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
                    "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
+@click.option("--decode-layout", type=click.Choice(("auto", "linear")), default="auto", show_default=True,
+              help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..9 tokens and give "
+                   "P (and the draft) the fastest per row count, for every figure of the run; linear: torch's "
+                   "F.linear everywhere (the layout before 2026-12-07).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Tokenizer and converted-model cache [default: ~/.cache/fednode].")
@@ -155,7 +159,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_kind: str, exit_layers: int | None, exit_kind: str, exit_steps: int | None, draft_vocab: int,
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
-               compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int) -> None:
+               compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
+               decode_layout: str) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -219,7 +224,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
-                   draft_file=draft_file, agreement_prompts=agreement_prompts)
+                   draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -39,6 +39,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "bound": a["bound"], "best_bound": a["best_bound"], "loop": a.get("loop"),
         "other_loop": a.get("other_loop"),
         "expected_with_verify_cost": a.get("expected_with_verify_cost"),
+        "decode_plan": (result.get("decode_layout") or {}).get("plan"),
         "speedup_vs_own_loop_no_draft": (a.get("own_loop_no_draft") or {}).get("draft_speedup"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
@@ -98,6 +99,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         f"- draft length: {_length_line(a['draft_length_choice'])}",
         *_own_plain_line(a.get("own_loop_no_draft")),
         *_verify_line(a.get("verify_costs"), a.get("expected_with_verify_cost")),
+        *_layout_line(result.get("decode_layout")),
         f"- draft settings: {a['settings']}; tokenizer shared: {a['tokenizer']['shared']} ({a['tokenizer']['note']})",
         f"- loop: {a.get('loop')} (own: one draft forward per draft token and one private-model forward per step; "
         "transformers: assisted generation); drafting is measured at batch 1 only",
@@ -129,6 +131,16 @@ def _draft_line(result: dict[str, Any]) -> str:
     return (f"messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft parameter "
             f"ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"
             f"{'' if ok else ', NOT met'})")
+
+
+def _layout_line(layout: dict[str, Any] | None) -> list[str]:
+    if not layout:
+        return []
+    if layout.get("plan") is None:
+        return [f"- decode layout: {layout['mode']} ({layout.get('note')})"]
+    plan = ", ".join(f"{n}: {v}" for n, v in layout["plan"].items())
+    return [f"- decode layout (matrix-product layout per row count, timed on this machine, used by every figure "
+            f"above): {plan}; one plain token runs {layout['one_token_gain']:.2f}x F.linear's speed"]
 
 
 def _verify_line(verify: list[float] | None, expected: float | None) -> list[str]:

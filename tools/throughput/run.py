@@ -24,6 +24,7 @@ from fednode.learning.feature_draft import (
 )
 from tools.humaneval.data import load_problems
 from tools.throughput import metrics
+from tools.throughput.decode_plan import decode_layout
 from tools.throughput.draft import local_code, local_files, train_draft
 from tools.throughput.draft_length import CALIBRATION_PROMPTS, calibrate, estimate_alpha
 from tools.throughput.errors import BenchFailure
@@ -77,6 +78,7 @@ class Options:
     dtype: str = "float32"  # generation dtype of P and the draft (training stays float32)
     draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
     agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
+    decode_layout: str = "auto"  # auto: matrix-product layout per decode row count, measured (CPU); linear: F.linear
 
 
 def encode_prompts(tokenizer, problems, keep: int) -> list[list[int]]:
@@ -325,6 +327,11 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
     keep = _prompt_keep(opts, pair)
     prompts = encode_prompts(pair.tokenizer, problems, keep)
     calibration = encode_prompts(pair.tokenizer, spare, keep) or prompts[:CALIBRATION_PROMPTS]
+    say(f"decode layout: {opts.decode_layout}")
+    layout = decode_layout(opts.decode_layout, pair.private, draft, calibration[0], opts.device)
+    if layout["plan"] is not None:
+        say("decode layout per row count: " + " ".join(f"{n}:{v}" for n, v in layout["plan"].items())
+            + f" (one token {layout['one_token_gain']:.2f}x F.linear's speed)")
     rows, assisted = _generation(opts, pair, draft, level, prompts, calibration, say)
     training = None
     if opts.train_steps > 0:
@@ -352,5 +359,6 @@ def run_benchmark(opts: Options, say: Progress) -> dict[str, Any]:
         "max_new_tokens": opts.max_new_tokens, "batch_sizes": list(opts.batch_sizes),
         "generation": rows, "assisted": assisted, "draft_speedup": assisted["draft_speedup"],
         "identical": assisted["identical"], "draft_training": draft_info, "training": training,
+        "decode_layout": layout,
         "threads": torch.get_num_threads(), "wall_s": time.monotonic() - started,
     }

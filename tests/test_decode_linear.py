@@ -19,6 +19,7 @@ from fednode.learning.decode_linear import (
 )
 from tests.helpers_models import four_layer_model, greedy_tokens, random_prompt
 from tools.throughput.decode_plan import decode_layout, tune_decode_plan
+from tools.throughput.speculative import MAX_VERIFY
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_tuning_times_every_layout_and_installs_the_choice(tok_dir):
     assert all(m.plan == plan for m in model.modules() if isinstance(m, DecodeLinear))
     assert greedy_tokens(model, prompt, 8) == reference
     report = decode_layout("auto", model, None, prompt, "cpu")
-    assert set(report["plan"]) == {str(n) for n in range(1, 10)} and report["one_token_gain"] > 0
+    assert set(report["plan"]) == {str(n) for n in range(1, MAX_VERIFY + 1)} and report["one_token_gain"] > 0
     assert decode_layout("linear", model, None, prompt, "cpu")["plan"] is None
     assert "too short" in decode_layout("auto", model, None, prompt[:5], "cpu")["note"]
     with pytest.raises(ValueError, match="not one of"):

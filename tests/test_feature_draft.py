@@ -19,7 +19,13 @@ from fednode.learning.feature_draft import (
 from fednode.learning.models import ModelPreset, build_model
 from fednode.learning.tokenizer import build_tokenizer
 from tools.throughput.greedy_data import function_prompts, greedy_ragged
-from tools.throughput.speculative import banned_ids, feature_speculative_greedy, time_feature_draft, time_speculative
+from tools.throughput.speculative import (
+    banned_ids,
+    feature_speculative_greedy,
+    feature_tree_greedy,
+    time_feature_draft,
+    time_speculative,
+)
 
 NEW = 30
 
@@ -187,3 +193,47 @@ def test_a_saved_draft_loads_back_exactly_and_a_bad_file_is_one_clear_error(priv
                                     vocab_size=FOUR.vocab_size, max_positions=64), tok, seed=0)
     with pytest.raises(ValueError, match="trained for another model"):
         load_feature_draft(other, path)
+
+
+class _RunnerUp(torch.nn.Module):
+    """The trained draft with `never` forced to the top: its own best guess is always its runner-up, so
+    only a tree's siblings can be accepted (and each acceptance gathers the cache to a sibling)."""
+
+    def __init__(self, draft: FeatureDraft, never: int) -> None:
+        super().__init__()
+        self.draft, self.never = draft, never
+
+    def forward(self, *args, **kwargs):
+        return self.draft(*args, **kwargs)
+
+    def logits(self, hidden):
+        out = self.draft.logits(hidden).clone()
+        out[..., self.never] = out.max() + 1.0
+        return out
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_a_draft_tree_gives_ps_greedy_tokens_and_a_width_of_one_is_the_chain(private, trained, length):
+    draft = trained[0]
+    banned = banned_ids(_config(private))
+    for seed in (1, 2):
+        prompt = _prompt(seed)
+        chain = feature_speculative_greedy(private, draft, prompt, NEW, length, banned)
+        one = feature_tree_greedy(private, draft, prompt, NEW, length, 1, banned)
+        assert one.tokens == chain.tokens == _greedy(private, prompt)
+        assert (one.accepted, one.proposed, one.target_calls) == (chain.accepted, chain.proposed, chain.target_calls)
+        for width in (2, 4):
+            assert feature_tree_greedy(private, draft, prompt, NEW, length, width, banned).tokens == chain.tokens
+
+
+def test_siblings_are_accepted_and_the_cache_follows_them(private, trained):
+    prompt = _prompt(3)
+    greedy = _greedy(private, prompt)
+    never = next(t for t in range(5, FOUR.vocab_size) if t not in greedy)
+    runner_up = _RunnerUp(trained[0], never)
+    chain = feature_speculative_greedy(private, runner_up, prompt, NEW, 2)
+    assert chain.accepted == 0  # its best guess never is P's token
+    tree = feature_tree_greedy(private, runner_up, prompt, NEW, 2, 2)
+    assert tree.tokens == greedy and tree.accepted > 0 and tree.target_calls < chain.target_calls
+    with pytest.raises(ValueError, match="width"):
+        feature_tree_greedy(private, runner_up, prompt, NEW, 2, 0)

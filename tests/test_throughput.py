@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from tools.throughput import metrics
 from tools.throughput.cli import throughput
+from tools.throughput.speculative import MAX_VERIFY
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,12 @@ def test_the_draft_length_pays_for_the_measured_verification_cost_of_its_shape()
         speedup_with_verify_cost(0.5, 3, 0.1, [1.0, 1.2, 1.3])
     with pytest.raises(ValueError, match="> 0"):
         best_draft_length_measured(0.5, 0.1, [1.0, 0.0])
+    # a tree of 2 guesses per depth verifies 2 * length + 1 tokens: only lengths whose forward was measured
+    assert speedup_with_verify_cost(0.8, 2, 0.05, verify, width=2) == pytest.approx(
+        (1 - 0.8 ** 3) / 0.2 / (2 * 0.05 + 1.45))
+    assert best_draft_length_measured(0.8, 0.05, verify, width=2)[0] == 2
+    with pytest.raises(ValueError, match="width 2 needs the cost of verifying 7 tokens"):
+        speedup_with_verify_cost(0.8, 3, 0.05, verify, width=2)
 
 
 def test_a_loop_step_costs_its_forward_plus_what_the_loop_spends_beyond_it():
@@ -329,7 +336,8 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     out = tmp_path / "report"
     result = CliRunner().invoke(throughput, ["--preset", "micro", "--limit", "1", "--max-new-tokens", "8",
                                              "--batch-sizes", "1", "--draft", "features", "--exit-steps", "2",
-                                             "--draft-vocab", "64", "--draft-length", "3", "--greedy-prompts", "20",
+                                             "--draft-vocab", "64", "--draft-length", "3", "--tree-width", "2",
+                                             "--greedy-prompts", "20",
                                              "--greedy-tokens", "4", "--train-steps", "1", "--agreement-prompts",
                                              "6", "--cache",
                                              str(tmp_path / "cache"), "--out", str(out)])
@@ -343,16 +351,17 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     he = info["humaneval_agreement"]
     assert he["prompts"] == 6 and he["positions"] == 6 * 8 and 0.0 <= last["humaneval_agreement"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
-    assert data["assisted"]["cost"] > 0 and data["assisted"]["loop_split"]["verified_tokens"] == 4
+    assert data["assisted"]["cost"] > 0 and data["assisted"]["tree_width"] == 2
+    assert data["assisted"]["loop_split"]["verified_tokens"] == 3 * 2 + 1  # the tree: 3 depths of 2 guesses
     a = data["assisted"]
     steps, forwards = a["verify_costs"], a["forward_costs"]  # a loop step costs its forward and the loop's work
-    assert len(steps) == 9 and all(s >= f > 0 for s, f in zip(steps, forwards, strict=True))
+    assert len(steps) == MAX_VERIFY and all(s >= f > 0 for s, f in zip(steps, forwards, strict=True))
     bare = data["assisted"]["own_loop_no_draft"]  # the own loop with no draft: P's greedy tokens, one per forward
     assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating
     assert "feature draft (EAGLE)" in (out / "throughput.md").read_text()
     layout = data["decode_layout"]  # every figure ran with the layouts timed on this machine, reported
-    assert layout["mode"] == "auto" and set(layout["plan"]) == {str(n) for n in range(1, 10)}
+    assert layout["mode"] == "auto" and set(layout["plan"]) == {str(n) for n in range(1, MAX_VERIFY + 1)}
     assert set(layout["seconds"]["1"]) == {"linear", "w-xt", "x-wt"} and last["decode_plan"] == layout["plan"]
     assert "decode layout" in (out / "throughput.md").read_text()
 
@@ -386,6 +395,8 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--draft", "features", "--loop", "transformers"], "only the own loop"),
     (["--dtype", "float16"], "Invalid value for '--dtype'"),
     (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
+    (["--tree-width", "2"], "--tree-width applies to --draft features"),
+    (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path)])

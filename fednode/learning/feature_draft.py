@@ -110,11 +110,12 @@ class FeatureDraft(torch.nn.Module):
         return self
 
 
-def features(private, input_ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None
-             ) -> torch.Tensor:
-    """P's top features (its head's input) at every position of `input_ids`."""
-    out = _decoder(private)(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                            use_cache=cache is not None)
+def features(private, input_ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """P's top features (its head's input) at every position of `input_ids` (a 4D `attention_mask` with
+    `position_ids` reads a token tree: each token sees the cache, its ancestors and itself)."""
+    out = _decoder(private)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, use_cache=cache is not None)
     return out.last_hidden_state
 
 

@@ -146,6 +146,9 @@ class _Say:
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
                    "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
+@click.option("--tree-width", type=click.IntRange(min=1, max=4), default=1, show_default=True,
+              help="--draft features: verify the draft's N best guesses at every depth as a tree in one forward "
+                   "(the chain and its runners-up; 1: the chain alone). The draft length is chosen for it.")
 @click.option("--decode-layout", type=click.Choice(("auto", "linear")), default="auto", show_default=True,
               help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..9 tokens and give "
                    "P (and the draft) the fastest per row count, for every figure of the run; linear: torch's "
@@ -160,7 +163,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
-               decode_layout: str) -> None:
+               decode_layout: str, tree_width: int) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -188,6 +191,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
+    if tree_width > 1 and draft_kind != "features":
+        raise click.UsageError("--tree-width applies to --draft features (a tree of the feature draft's guesses)")
     if draft_file is not None and draft_kind != "features":
         raise click.UsageError("--draft-file applies to --draft features")
     if draft_kind == "features" and (loop == "transformers" or compare_loops):
@@ -224,7 +229,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    draft_vocab=draft_vocab, draft_length=length, loop=loop, exit_data=exit_data,
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
-                   draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout)
+                   draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout,
+                   tree_width=tree_width)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

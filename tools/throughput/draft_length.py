@@ -30,17 +30,19 @@ def estimate_alpha(acceptance: metrics.Acceptance | None, gamma: int) -> float |
 
 def calibrate(private, draft, prompts: Sequence[Sequence[int]], config: GenerationConfig, cost: float,
               tokenizers: tuple | None = None, loop: str = "transformers",
-              verify: Sequence[float] | None = None) -> dict[str, Any]:
+              verify: Sequence[float] | None = None, width: int = 1) -> dict[str, Any]:
     """{'length', 'alpha', 'cost', 'bound', 'expected'}: the length to draft at, from a run at
-    CALIBRATION_LENGTH. With measured verification costs (`verify`, the own loop) the length
-    maximises the speedup expected with them (`expected`), else Leviathan's bound."""
-    probe = time_drafted(loop, private, draft, prompts, config, CALIBRATION_LENGTH, tokenizers=tokenizers)
-    alpha = estimate_alpha(probe.acceptance, CALIBRATION_LENGTH)
+    CALIBRATION_LENGTH (shorter for a tree, so that its verification was measured). With measured
+    verification costs (`verify`, the own loop) the length maximises the speedup expected with them
+    (`expected`), else Leviathan's bound. A tree's alpha is its effective per-depth acceptance."""
+    probe_length = CALIBRATION_LENGTH if not verify else max(1, min(CALIBRATION_LENGTH, (len(verify) - 1) // width))
+    probe = time_drafted(loop, private, draft, prompts, config, probe_length, tokenizers=tokenizers, width=width)
+    alpha = estimate_alpha(probe.acceptance, probe_length)
     if alpha is None:  # token spaces translated: no acceptance to go by; draft at the calibration length
-        return {"length": CALIBRATION_LENGTH, "alpha": None, "cost": cost, "bound": None, "expected": None,
+        return {"length": probe_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
                 "prompts": len(prompts)}
     if verify:
-        length, expected = metrics.best_draft_length_measured(alpha, cost, verify)
+        length, expected = metrics.best_draft_length_measured(alpha, cost, verify, width)
         return {"length": length, "alpha": alpha, "cost": cost, "bound": metrics.speedup_bound(alpha, length, cost),
                 "expected": expected, "prompts": len(prompts)}
     length, bound = metrics.best_draft_length(alpha, cost)

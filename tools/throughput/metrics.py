@@ -171,24 +171,28 @@ def best_draft_length(alpha: float, cost: float, max_gamma: int = 20) -> tuple[i
     return best, speedup_bound(alpha, best, cost)
 
 
-def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequence[float]) -> float:
+def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequence[float], width: int = 1
+                             ) -> float:
     """Leviathan's bound with the measured cost of one verification in place of 1: `verify[n - 1]` is
     one target forward over n tokens in plain target tokens (on a CPU it grows with n, and not
-    monotonically: matrix kernels differ by shape). Drafting nothing (gamma 0) costs verify[0]."""
-    if not 0 <= gamma < len(verify):
-        raise ValueError(f"draft length {gamma} needs the cost of verifying {gamma + 1} tokens; "
-                         f"{len(verify)} measured")
+    monotonically: matrix kernels differ by shape). Drafting nothing (gamma 0) costs verify[0]. A draft
+    tree of `width` guesses per depth verifies gamma * width + 1 tokens (alpha: its effective acceptance)."""
+    if width < 1 or not 0 <= gamma * width < len(verify):
+        raise ValueError(f"draft length {gamma} at width {width} needs the cost of verifying "
+                         f"{gamma * width + 1} tokens; {len(verify)} measured")
     if any(not v > 0 for v in verify):
         raise ValueError(f"verification costs must be > 0, got {list(verify)}")
     expected = speedup_bound(alpha, gamma, 0.0)  # tokens per step
-    return expected / (gamma * cost + verify[gamma])
+    return expected / (gamma * cost + verify[gamma * width])
 
 
-def best_draft_length_measured(alpha: float, cost: float, verify: Sequence[float]) -> tuple[int, float]:
-    """The length (0..len(verify) - 1) maximising `speedup_with_verify_cost`, and that expected speedup
-    over plain decoding (length 0 when no length beats not drafting)."""
-    best = max(range(len(verify)), key=lambda g: (speedup_with_verify_cost(alpha, g, cost, verify), -g))
-    return best, speedup_with_verify_cost(alpha, best, cost, verify)
+def best_draft_length_measured(alpha: float, cost: float, verify: Sequence[float], width: int = 1
+                               ) -> tuple[int, float]:
+    """The length maximising `speedup_with_verify_cost` among those whose verification was measured, and
+    that expected speedup over plain decoding (length 0 when no length beats not drafting)."""
+    lengths = range((len(verify) - 1) // max(width, 1) + 1)
+    best = max(lengths, key=lambda g: (speedup_with_verify_cost(alpha, g, cost, verify, width), -g))
+    return best, speedup_with_verify_cost(alpha, best, cost, verify, width)
 
 
 def alpha_from_tokens_per_call(tokens_per_call: float, gamma: int) -> float:

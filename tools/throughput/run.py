@@ -78,6 +78,7 @@ class Options:
     dtype: str = "float32"  # generation dtype of P and the draft (training stays float32)
     draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
     agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
+    tree_width: int = 1  # features: guesses per draft depth verified as a tree (1: a chain)
     decode_layout: str = "auto"  # auto: matrix-product layout per decode row count, measured (CPU); linear: F.linear
 
 
@@ -212,18 +213,21 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
         token_s = plain_b1.seconds / plain_b1.tokens
         forwards = verify_costs(pair.private, calibration[0], token_s)
         verify = step_costs(forwards, bare.seconds / bare.tokens / token_s)
-        say("one loop step verifying 1..9 tokens, in plain tokens: " + " ".join(f"{v:.2f}" for v in verify))
+        say(f"one loop step verifying 1..{MAX_VERIFY} tokens, in plain tokens: " + " ".join(f"{v:.2f}" for v in verify))
     if opts.draft_length is None:
         say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
-        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop, verify=verify)
+        chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop, verify=verify,
+                           width=opts.tree_width)
         say(f"draft length {chosen['length']} (acceptance alpha {chosen['alpha']}, bound {chosen['bound']})")
     else:
         chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
                   "prompts": 0}
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
-    say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step, {loop} loop), batch 1")
-    assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say)
+    tree = f", a tree of {opts.tree_width} guesses per depth" if opts.tree_width > 1 else ""
+    say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step{tree}, {loop} loop), batch 1")
+    assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say,
+                            width=opts.tree_width)
     rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
     for bs in opts.batch_sizes:
         if bs != 1:
@@ -258,11 +262,14 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "bound": None if alpha is None else metrics.speedup_bound(alpha, length, cost),
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "forward_costs": forwards, "verify_costs": verify,
-               "expected_with_verify_cost": None if alpha is None or verify is None or length >= len(verify)
-               else metrics.speedup_with_verify_cost(alpha, length, cost, verify),
+               "expected_with_verify_cost": None if alpha is None or verify is None
+               or length * opts.tree_width >= len(verify)
+               else metrics.speedup_with_verify_cost(alpha, length, cost, verify, opts.tree_width),
+               "tree_width": opts.tree_width,
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
-               "loop_split": _split(assisted, plain_b1, length, alpha), "own_loop_no_draft": own_plain, **acc}
+               "loop_split": _split(assisted, plain_b1, length, alpha, opts.tree_width),
+               "own_loop_no_draft": own_plain, **acc}
     return rows, summary
 
 
@@ -294,7 +301,7 @@ def _draft_kind(level: int | None, draft) -> str:
     return "self" if level is None else "messenger"
 
 
-def _split(run, plain, length: int, alpha: float | None) -> dict[str, float | None] | None:
+def _split(run, plain, length: int, alpha: float | None, width: int = 1) -> dict[str, float | None] | None:
     """Where the own loop's time went, and what one verification of length + 1 tokens costs in plain
     private-model tokens (Leviathan's bound takes it as 1; a CPU forward over a few tokens costs more).
     `bound_with_verify_cost` is the bound with that measured cost in place of 1."""
@@ -305,7 +312,7 @@ def _split(run, plain, length: int, alpha: float | None) -> dict[str, float | No
     verify = split["target_s"] / split["verify_calls"] / token_s
     draft = split["draft_s"] / max(run.acceptance.proposed, 1) / token_s
     expected = None if alpha is None else metrics.speedup_bound(alpha, length, 0.0)  # tokens per step
-    return {**split, "plain_seconds_per_token": token_s, "verified_tokens": length + 1, "verify_cost": verify,
+    return {**split, "plain_seconds_per_token": token_s, "verified_tokens": length * width + 1, "verify_cost": verify,
             "draft_cost_in_loop": draft,
             "bound_with_verify_cost": None if expected is None else expected / (length * draft + verify)}
 

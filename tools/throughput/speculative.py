@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from fednode.learning.feature_draft import FeatureDraft, features
+from tools.throughput.draft_tree import Tree, accept, tree_inputs
 from tools.throughput.generation import WARMUP_TOKENS, GenRun, fixed_draft_length, sync, time_assisted
 from tools.throughput.metrics import Acceptance
 
@@ -84,19 +85,23 @@ class _Steps:
     def commit(self, drafts: list[int], best: list[int], drafted_at: float) -> int:
         """Keep the longest prefix of `drafts` matching the target's argmax `best`, then the target's own
         next token; returns how many drafts were kept. `best[i]` follows seq + drafts[:i]."""
+        m = 0
+        while m < len(drafts) and drafts[m] == best[m]:
+            m += 1
+        self.commit_path([*drafts[:m], best[m]], len(drafts), drafted_at)
+        return m
+
+    def commit_path(self, tokens: list[int], proposed: int, drafted_at: float) -> None:
+        """Commit a verified path: its drafts P agreed with, then P's own next token (the last)."""
         spent = time.perf_counter() - drafted_at
         if self.calls:
             self.t_time += spent
         else:
             self.first_time = spent  # the first call reads the prompt too
         self.calls += 1
-        m = 0
-        while m < len(drafts) and drafts[m] == best[m]:
-            m += 1
-        self.seq += [*drafts[:m], best[m]]
-        self.proposed += len(drafts)
-        self.accepted += m
-        return m
+        self.seq += tokens
+        self.proposed += proposed
+        self.accepted += len(tokens) - 1
 
     def decoded(self) -> Decoded:
         return Decoded(self.seq[self.prompt:], self.calls, self.proposed, self.accepted, self.t_time, self.d_time,
@@ -168,6 +173,77 @@ def feature_speculative_greedy(target, draft: FeatureDraft, prompt: Sequence[int
     return steps.decoded()
 
 
+def _keep_cache(cache: DynamicCache, prefix: int, nodes: list[int]) -> None:
+    """Keep the first `prefix` cached positions and the tree nodes `nodes` (offsets after the prefix)."""
+    if nodes == list(range(len(nodes))):  # a chain prefix: a crop
+        _crop(cache, prefix + len(nodes))
+        return
+    index = torch.tensor([*range(prefix), *(prefix + n for n in nodes)], device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def _top(logits: torch.Tensor, banned: Sequence[int], width: int) -> list[int]:
+    if banned:
+        logits = logits.clone()
+        logits[..., list(banned)] = float("-inf")
+    return logits.topk(width, -1).indices.tolist()
+
+
+@torch.no_grad()
+def feature_tree_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_new_tokens: int, length: int,
+                        width: int, banned: Sequence[int] = ()) -> Decoded:
+    """As `feature_speculative_greedy`, verifying a tree: the draft's chain of `length` tokens and its
+    `width - 1` runners-up at every depth as siblings (`draft_tree`), all in one target forward.
+
+    The target keeps the path it agrees with (its cache and features gathered to that path); the
+    draft is cropped back to the true features as in the chain loop.
+    """
+    if width < 1:
+        raise ValueError(f"a draft tree needs width >= 1, got {width}")
+    steps = _Steps(prompt, max_new_tokens, length)
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    feats: torch.Tensor | None = None
+    while steps.running:
+        seq = steps.seq
+        k = steps.draft_length() if feats is not None else 0
+        chain: list[int] = []
+        siblings: list[list[int]] = []
+        started = time.perf_counter()
+        if k and feats is not None:
+            seen, n = d_cache.get_seq_length(), feats.shape[1]
+            hidden = draft(feats[:, seen:n], _ids(seq[seen + 1:n + 1], device), cache=d_cache)[:, -1:]
+            for i in range(k):
+                top = _top(draft.logits(hidden)[0, -1], banned, width)
+                chain.append(top[0])
+                siblings.append(top[1:])
+                if i + 1 < k:
+                    hidden = draft(hidden, _ids(chain[-1:], device), cache=d_cache)
+            _crop(d_cache, n)
+        tree = Tree.of(chain, siblings)
+        drafted = time.perf_counter()
+        steps.d_time += drafted - started
+        past = t_cache.get_seq_length()
+        pending = seq[past:]
+        if len(tree):
+            mask, positions = tree_inputs(tree, past, len(pending), dtype, device)
+            hidden_t = features(target, _ids([*pending, *tree.tokens], device), cache=t_cache,
+                                attention_mask=mask, position_ids=positions)
+        else:
+            hidden_t = features(target, _ids(pending, device), cache=t_cache)
+        best = _argmax(target.lm_head(hidden_t[:, len(pending) - 1:])[0], banned).tolist()
+        path, kept = accept(tree, best[0], best[1:])
+        steps.commit_path(path, len(chain), drafted)
+        _keep_cache(t_cache, past + len(pending), kept)
+        rows = torch.tensor([*range(len(pending)), *(len(pending) + i for i in kept)], device=device)
+        kept_feats = hidden_t.index_select(1, rows)
+        feats = kept_feats if feats is None else torch.cat([feats, kept_feats], 1)
+    return steps.decoded()
+
+
 @torch.no_grad()
 def time_feature_draft(target, draft: FeatureDraft, prompts: Sequence[Sequence[int]], tokens: int) -> GenRun:
     """The feature draft alone at batch 1: `tokens` steps on its own features after each prompt.
@@ -196,7 +272,7 @@ def time_feature_draft(target, draft: FeatureDraft, prompts: Sequence[Sequence[i
     return run
 
 
-MAX_VERIFY = 9  # verification costs measured for 1..9 tokens: draft lengths up to 8
+MAX_VERIFY = 13  # verification costs measured for 1..13 tokens: chains up to 12, trees of width 2 up to 6
 
 
 @torch.no_grad()
@@ -243,13 +319,20 @@ def banned_ids(config) -> tuple[int, ...]:
 
 
 def time_speculative(target, draft, prompts: Sequence[Sequence[int]], config, length: int,
-                     progress: Callable[[str], None] | None = None) -> GenRun:
-    """Timed `speculative_greedy` over every prompt, after one untimed warm-up call (as `time_assisted`)."""
+                     progress: Callable[[str], None] | None = None, width: int = 1) -> GenRun:
+    """Timed `speculative_greedy` over every prompt, after one untimed warm-up call (as `time_assisted`);
+    a feature draft with `width` > 1 verifies a draft tree (`feature_tree_greedy`)."""
     if (config.min_new_tokens or 0) < config.max_new_tokens:
         raise ValueError("the own loop generates exactly max_new_tokens: set min_new_tokens = max_new_tokens")
     banned = banned_ids(config)
     device = next(target.parameters()).device
-    decode = feature_speculative_greedy if isinstance(draft, FeatureDraft) else speculative_greedy
+    if width > 1 and not isinstance(draft, FeatureDraft):
+        raise ValueError("a draft tree is built from a feature draft's runners-up: use --draft features")
+    if width > 1:
+        def decode(t, d, p, new, k, b):
+            return feature_tree_greedy(t, d, p, new, k, width, b)
+    else:
+        decode = feature_speculative_greedy if isinstance(draft, FeatureDraft) else speculative_greedy
     decode(target, draft, prompts[0], WARMUP_TOKENS, length, banned)
     run = GenRun(1)
     total: Acceptance | None = None
@@ -277,13 +360,17 @@ LOOPS = ("own", "transformers")  # own: this module's loop; transformers: assist
 
 
 def time_drafted(loop: str, target, draft, prompts: Sequence[Sequence[int]], config, length: int,
-                 tokenizers: tuple | None = None, progress: Callable[[str], None] | None = None) -> GenRun:
-    """P drafted `length` tokens a step by `draft`, timed with the chosen loop (same tokens either way)."""
+                 tokenizers: tuple | None = None, progress: Callable[[str], None] | None = None,
+                 width: int = 1) -> GenRun:
+    """P drafted `length` tokens a step by `draft` (a tree of `width` guesses per depth: own loop, feature
+    draft), timed with the chosen loop (same tokens either way)."""
     if loop == "own":
         if tokenizers is not None:
             raise ValueError("the own loop needs the draft to share the target's token space: use --loop transformers")
-        return time_speculative(target, draft, prompts, config, length, progress)
+        return time_speculative(target, draft, prompts, config, length, progress, width)
     if loop == "transformers":
+        if width > 1:
+            raise ValueError("a draft tree runs in the own loop only")
         if isinstance(draft, FeatureDraft):
             raise ValueError("a feature draft reads the private model's features: only the own loop runs it")
         return time_assisted(target, draft, prompts, fixed_draft_length(config, length), tokenizers=tokenizers,

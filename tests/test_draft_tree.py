@@ -1,0 +1,53 @@
+"""The draft tree's pure parts: its shape, the mask that lets a node see only its own path, and the walk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.throughput.draft_tree import Tree, accept, tree_inputs
+
+
+def test_the_chain_comes_first_and_duplicate_siblings_are_dropped():
+    tree = Tree.of([10, 11, 12], [[20, 10, 20], [], [30]])
+    assert tree.tokens == (10, 11, 12, 20, 30)
+    assert tree.parent == (-1, 0, 1, -1, 1)  # 20 is a second guess for depth 0, 30 one for depth 2
+    assert tree.depth == (0, 1, 2, 0, 2)
+    assert len(Tree.of([])) == 0
+    with pytest.raises(ValueError, match="siblings"):
+        Tree.of([1], [[2], [3]])
+
+
+def test_each_node_sees_the_cache_the_committed_tokens_and_its_own_path():
+    tree = Tree.of([10, 11], [[20], [21]])  # nodes: 10 (d0), 11 (d1, under 10), 20 (d0), 21 (d1, under 10)
+    mask, pos = tree_inputs(tree, past=3, pending=2, dtype=torch.float32, device=torch.device("cpu"))
+    seen = (mask[0, 0] == 0).int().tolist()
+    assert mask.shape == (1, 1, 6, 9)
+    assert seen == [
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],  # committed token 1: the cache and itself
+        [1, 1, 1, 1, 1, 0, 0, 0, 0],  # committed token 2 (the root)
+        [1, 1, 1, 1, 1, 1, 0, 0, 0],  # 10
+        [1, 1, 1, 1, 1, 1, 1, 0, 0],  # 11 under 10
+        [1, 1, 1, 1, 1, 0, 0, 1, 0],  # 20: a sibling of 10, not under it
+        [1, 1, 1, 1, 1, 1, 0, 0, 1],  # 21: under 10, beside 11
+    ]
+    assert pos.tolist() == [[3, 4, 5, 6, 5, 6]]
+    assert (mask[0, 0][mask[0, 0] != 0] == torch.finfo(torch.float32).min).all()
+    with pytest.raises(ValueError, match="root"):
+        tree_inputs(tree, 3, 0, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("root_best, node_best, path, kept", [
+    (10, [11, 40, 41, 42], [10, 11, 40], [0, 1]),  # the whole chain, then P's own token
+    (20, [11, 40, 50, 42], [20, 50], [2]),  # the chain missed at depth 0, its sibling was P's token
+    (10, [21, 40, 50, 60], [10, 21, 60], [0, 3]),  # missed at depth 1, the sibling there carried on
+    (99, [11, 40, 50, 60], [99], []),  # nothing matched: P's own token only
+])
+def test_the_walk_keeps_the_path_p_agrees_with(root_best, node_best, path, kept):
+    tree = Tree.of([10, 11], [[20], [21]])
+    assert accept(tree, root_best, node_best) == (path, kept)
+
+
+def test_the_walk_needs_ps_token_after_every_node():
+    with pytest.raises(ValueError, match="nodes"):
+        accept(Tree.of([1, 2]), 1, [2])

@@ -1,0 +1,90 @@
+"""A draft tree: the draft's chain plus its runner-up tokens at each depth, verified in one forward.
+
+A chain of drafts is lost at its first miss. When the draft's best guess at depth d is wrong, its
+second or third guess is often P's token (SpecInfer, Miao et al. 2024; EAGLE-2, Li et al. 2024):
+putting those runners-up into the same verification forward as siblings of the chain token costs a
+few more positions of that forward (on a CPU, with the decode layout, 1..5 positions cost about
+the same) and turns a miss into one more committed token (the sibling, and P's token after it).
+
+Pure parts here: the tree's shape, the attention mask and positions that let every node see the
+cache, its ancestors and itself, and the walk that keeps the longest path P agrees with. The loop
+that drafts and verifies is `tools.throughput.speculative.feature_tree_greedy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Nodes in verification order: the chain c_0..c_{k-1} first (so accepting a chain prefix keeps a
+    cache prefix), then the siblings. parent[i] = -1 for a child of the root (the newest committed token)."""
+
+    tokens: tuple[int, ...]
+    parent: tuple[int, ...]
+    depth: tuple[int, ...]
+
+    @classmethod
+    def of(cls, chain: Sequence[int], siblings: Sequence[Sequence[int]] = ()) -> Tree:
+        """`siblings[d]`: the draft's runners-up at depth d (children of chain[d - 1], or of the root)."""
+        if len(siblings) > len(chain):
+            raise ValueError(f"siblings for {len(siblings)} depths, but the chain has {len(chain)}")
+        tokens, parent, depth = list(chain), [i - 1 for i in range(len(chain))], list(range(len(chain)))
+        for d, alts in enumerate(siblings):
+            seen = {int(chain[d])}
+            for token in map(int, alts):
+                if token in seen:
+                    continue  # a duplicate would be verified twice for nothing
+                seen.add(token)
+                tokens.append(token)
+                parent.append(d - 1)
+                depth.append(d)
+        return cls(tuple(int(t) for t in tokens), tuple(parent), tuple(depth))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def tree_inputs(tree: Tree, past: int, pending: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive mask (1, 1, q, past + q), positions (1, q)) for a forward over `pending` committed
+    tokens (causal; the last is the root) followed by the tree's nodes, after `past` cached ones."""
+    if pending < 1:
+        raise ValueError("a tree forward reads at least the newest committed token (its root)")
+    q = pending + len(tree)
+    allowed = torch.zeros(q, past + q, dtype=torch.bool)
+    allowed[:, :past] = True
+    allowed[:pending, past:past + pending] = torch.ones(pending, pending, dtype=torch.bool).tril()
+    allowed[pending:, past:past + pending] = True  # every node sees all committed tokens
+    for i in range(len(tree)):
+        node = i
+        while node >= 0:  # itself and its ancestors
+            allowed[pending + i, past + pending + node] = True
+            node = tree.parent[node]
+    mask = torch.zeros(q, past + q, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    positions = [past + j for j in range(pending)] + [past + pending + d for d in tree.depth]
+    return mask[None, None].to(device), torch.tensor([positions], device=device)
+
+
+def accept(tree: Tree, root_best: int, node_best: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(tokens to commit, kept node indices): follow P's argmax from the root down the tree while a
+    child carries it (the chain child first); P's own token ends the path. node_best[i] is P's argmax
+    after node i."""
+    if len(node_best) != len(tree):
+        raise ValueError(f"P's argmax for {len(node_best)} nodes, the tree has {len(tree)}")
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parent):
+        children.setdefault(p, []).append(i)
+    node, best, out, kept = -1, int(root_best), [], []
+    while True:
+        hit = next((c for c in children.get(node, ()) if tree.tokens[c] == best), None)
+        out.append(best)
+        if hit is None:
+            return out, kept
+        kept.append(hit)
+        node, best = hit, int(node_best[hit])

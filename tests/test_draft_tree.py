@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools.throughput.draft_tree import Tree, accept, tree_inputs
+from tools.throughput.draft_tree import Tree, accept, lookup_continuation, tree_inputs
 
 
 def test_the_chain_comes_first_and_duplicate_siblings_are_dropped():
@@ -51,3 +51,22 @@ def test_the_walk_keeps_the_path_p_agrees_with(root_best, node_best, path, kept)
 def test_the_walk_needs_ps_token_after_every_node():
     with pytest.raises(ValueError, match="nodes"):
         accept(Tree.of([1, 2]), 1, [2])
+
+
+def test_a_path_reuses_the_nodes_it_shares_with_the_tree():
+    tree = Tree.of([10, 11], [[20]])  # 10 -> 11, and 20 beside 10
+    grown = tree.with_path([10, 12, 13])  # shares 10, then leaves the chain
+    assert grown.tokens == (10, 11, 20, 12, 13) and grown.parent == (-1, 0, -1, 0, 3)
+    assert grown.depth == (0, 1, 0, 1, 2)
+    assert tree.with_path([10, 11]) == tree and tree.with_path([]) == tree
+    assert Tree.of([]).with_path([5, 6]).parent == (-1, 0)
+    assert accept(grown, 10, [12, 40, 41, 13, 50]) == ([10, 12, 13, 50], [0, 3, 4])
+
+
+def test_prompt_lookup_continues_the_latest_earlier_occurrence_longest_ngram_first():
+    seq = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup_continuation(seq, 2) == [7, 8]  # "2 3" last seen before the end at index 5: 7, 8 followed
+    assert lookup_continuation([4, 5, 6, 1, 5, 6], 3) == [1, 5, 6]  # the 2-gram "5 6" (no earlier "1 5 6")
+    assert lookup_continuation([1, 2, 3, 4], 3) == []  # nothing recurs
+    assert lookup_continuation(seq, 0) == [] and lookup_continuation([7], 2) == []
+    assert lookup_continuation([5, 6, 5, 6], 4) == [5, 6]  # the continuation may run into the tail

@@ -18,6 +18,7 @@ from fednode.learning.feature_draft import (
 )
 from fednode.learning.models import ModelPreset, build_model
 from fednode.learning.tokenizer import build_tokenizer
+from tools.throughput.draft_tree import TreeShape, lookup_continuation
 from tools.throughput.greedy_data import function_prompts, greedy_ragged
 from tools.throughput.speculative import (
     banned_ids,
@@ -219,11 +220,11 @@ def test_a_draft_tree_gives_ps_greedy_tokens_and_a_width_of_one_is_the_chain(pri
     for seed in (1, 2):
         prompt = _prompt(seed)
         chain = feature_speculative_greedy(private, draft, prompt, NEW, length, banned)
-        one = feature_tree_greedy(private, draft, prompt, NEW, length, 1, banned)
+        one = feature_tree_greedy(private, draft, prompt, NEW, length, TreeShape(1), banned)
         assert one.tokens == chain.tokens == _greedy(private, prompt)
         assert (one.accepted, one.proposed, one.target_calls) == (chain.accepted, chain.proposed, chain.target_calls)
-        for width in (2, 4):
-            assert feature_tree_greedy(private, draft, prompt, NEW, length, width, banned).tokens == chain.tokens
+        for shape in (TreeShape(2), TreeShape(4), TreeShape(1, lookup=True), TreeShape(2, lookup=True)):
+            assert feature_tree_greedy(private, draft, prompt, NEW, length, shape, banned).tokens == chain.tokens
 
 
 def test_siblings_are_accepted_and_the_cache_follows_them(private, trained):
@@ -233,7 +234,21 @@ def test_siblings_are_accepted_and_the_cache_follows_them(private, trained):
     runner_up = _RunnerUp(trained[0], never)
     chain = feature_speculative_greedy(private, runner_up, prompt, NEW, 2)
     assert chain.accepted == 0  # its best guess never is P's token
-    tree = feature_tree_greedy(private, runner_up, prompt, NEW, 2, 2)
+    tree = feature_tree_greedy(private, runner_up, prompt, NEW, 2, TreeShape(2))
     assert tree.tokens == greedy and tree.accepted > 0 and tree.target_calls < chain.target_calls
     with pytest.raises(ValueError, match="width"):
-        feature_tree_greedy(private, runner_up, prompt, NEW, 2, 0)
+        TreeShape(0)
+
+
+def test_the_lookup_branch_alone_is_accepted_where_ps_output_repeats_itself(private):
+    prompt = _prompt(5)
+    greedy = _greedy(private, prompt)
+    never = next(t for t in range(5, FOUR.vocab_size) if t not in greedy)
+    wrong = FeatureDraft(private).use_subset_head(torch.tensor([never]))  # its guesses never are P's
+    out = feature_tree_greedy(private, wrong, prompt, NEW, 3, TreeShape(1, lookup=True))
+    assert out.tokens == greedy
+    seq, hits = [*prompt, *greedy], 0  # how often the lookup's first token is P's next one (after the first)
+    for t in range(len(prompt) + 1, len(seq)):
+        guess = lookup_continuation(seq[:t], 1)
+        hits += bool(guess) and guess[0] == seq[t]
+    assert hits > 0 and out.accepted > 0  # only the lookup branch can have been accepted

@@ -395,7 +395,8 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--draft", "features", "--loop", "transformers"], "only the own loop"),
     (["--dtype", "float16"], "Invalid value for '--dtype'"),
     (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
-    (["--tree-width", "2"], "--tree-width applies to --draft features"),
+    (["--tree-width", "2"], "--tree-width and --lookup-branch apply to --draft features"),
+    (["--lookup-branch"], "--tree-width and --lookup-branch apply to --draft features"),
     (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):

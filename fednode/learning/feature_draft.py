@@ -163,6 +163,21 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def join(self, other: FeatureSet, pad: int) -> FeatureSet:
+        """Both sets' sequences in one, the narrower right-padded (`pad` tokens, zero features, not counted)."""
+        width = max(self.tokens.shape[1], other.tokens.shape[1])
+
+        def widen(s: FeatureSet) -> FeatureSet:
+            extra = width - s.tokens.shape[1]
+            if not extra:
+                return s
+            return FeatureSet(F.pad(s.features, (0, 0, 0, extra)), F.pad(s.tokens, (0, extra), value=pad),
+                              F.pad(s.argmax, (0, extra), value=pad), F.pad(s.counted, (0, extra), value=False))
+
+        a, b = widen(self), widen(other)
+        return FeatureSet(torch.cat([a.features, b.features]), torch.cat([a.tokens, b.tokens]),
+                          torch.cat([a.argmax, b.argmax]), torch.cat([a.counted, b.counted]))
+
     def split(self, held: int) -> tuple[FeatureSet, FeatureSet]:
         """(train, held-out): the first `held` sequences held out."""
         if not 0 < held < len(self):

@@ -149,6 +149,12 @@ class _Say:
 @click.option("--tree-width", type=click.IntRange(min=1, max=4), default=1, show_default=True,
               help="--draft features: verify the draft's N best guesses at every depth as a tree in one forward "
                    "(the chain and its runners-up; 1: the chain alone). The draft length is chosen for it.")
+@click.option("--draft-code-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="--draft features: also train on N tokens of the local code itself (P's features and argmax "
+                   "at every position, no generation needed) beside P's greedy continuations.")
+@click.option("--lookup-branch", is_flag=True, default=False,
+              help="--draft features: also verify the prompt-lookup continuation (the tokens that followed the "
+                   "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch.")
 @click.option("--decode-layout", type=click.Choice(("auto", "linear")), default="auto", show_default=True,
               help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..9 tokens and give "
                    "P (and the draft) the fastest per row count, for every figure of the run; linear: torch's "
@@ -163,7 +169,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
-               decode_layout: str, tree_width: int) -> None:
+               decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -191,8 +197,11 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
-    if tree_width > 1 and draft_kind != "features":
-        raise click.UsageError("--tree-width applies to --draft features (a tree of the feature draft's guesses)")
+    if (tree_width > 1 or lookup_branch) and draft_kind != "features":
+        raise click.UsageError("--tree-width and --lookup-branch apply to --draft features (a tree around the "
+                               "feature draft's guesses)")
+    if draft_code_tokens and draft_kind != "features":
+        raise click.UsageError("--draft-code-tokens applies to --draft features")
     if draft_file is not None and draft_kind != "features":
         raise click.UsageError("--draft-file applies to --draft features")
     if draft_kind == "features" and (loop == "transformers" or compare_loops):
@@ -230,7 +239,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
                    draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout,
-                   tree_width=tree_width)
+                   tree_width=tree_width, lookup_branch=lookup_branch, draft_code_tokens=draft_code_tokens)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

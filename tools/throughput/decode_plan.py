@@ -7,25 +7,43 @@ the run: plain greedy, the own loop and the drafted loop alike, so the speedup c
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from fednode.learning.decode_linear import LAYOUTS, LINEAR, choose_layouts, install
-from tools.throughput.speculative import MAX_VERIFY, verify_costs
+from tools.throughput.speculative import MAX_VERIFY
 
 MODES = ("auto", LINEAR)  # auto: measured on a CPU (torch's own on an accelerator); linear: F.linear everywhere
 
 
 def tune_decode_plan(target: torch.nn.Module, prompt: Sequence[int], rows: int = MAX_VERIFY,
-                     reps: int = 5) -> tuple[dict[int, str], dict[int, dict[str, float]]]:
-    """(plan, seconds[rows][layout]): each layout timed on cached forwards of 1..rows tokens, the
-    fastest per row count installed in `target` (F.linear unless another wins by the margin)."""
-    times: dict[int, dict[str, float]] = {n: {} for n in range(1, rows + 1)}
-    for layout in LAYOUTS:
-        install(target, dict.fromkeys(times, layout))
-        for n, seconds in enumerate(verify_costs(target, prompt, 1.0, rows, reps), 1):
-            times[n][layout] = seconds
+                     reps: int = 7) -> tuple[dict[int, str], dict[int, dict[str, float]]]:
+    """(plan, seconds[rows][layout]): each layout timed on cached forwards of 1..rows tokens after
+    `prompt` (median of `reps`, the layouts interleaved so that drift in the machine's speed hits them
+    alike), the fastest per row count installed in `target` (F.linear unless another wins by the margin)."""
+    if len(prompt) <= rows:
+        raise ValueError(f"need a prompt longer than {rows} tokens to time forwards after it")
+    device = next(target.parameters()).device
+    cache = DynamicCache()
+    start = len(prompt) - rows
+    samples: dict[int, dict[str, list[float]]] = {n: {layout: [] for layout in LAYOUTS} for n in range(1, rows + 1)}
+    with torch.no_grad():
+        target(input_ids=torch.tensor([list(prompt[:start])], device=device), cache=cache, use_cache=True,
+               logits_to_keep=1)
+        for _ in range(reps):
+            for layout in LAYOUTS:
+                install(target, dict.fromkeys(samples, layout))
+                for n in samples:
+                    ids = torch.tensor([list(prompt[start:start + n])], device=device)
+                    began = time.perf_counter()
+                    target(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=n)
+                    samples[n][layout].append(time.perf_counter() - began)
+                    cache.crop(-n)  # back to the prompt: every forward reads the same cache
+    times = {n: {layout: statistics.median(v) for layout, v in by.items()} for n, by in samples.items()}
     plan = choose_layouts(times)
     install(target, plan)
     return plan, times

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from tools.throughput import metrics
+from tools.throughput.draft_tree import CHAIN, TreeShape
 from tools.throughput.speculative import time_drafted
 
 CALIBRATION_LENGTH = 4  # long enough to tell 50 % from 90 % acceptance, short enough to waste little
@@ -30,19 +31,20 @@ def estimate_alpha(acceptance: metrics.Acceptance | None, gamma: int) -> float |
 
 def calibrate(private, draft, prompts: Sequence[Sequence[int]], config: GenerationConfig, cost: float,
               tokenizers: tuple | None = None, loop: str = "transformers",
-              verify: Sequence[float] | None = None, width: int = 1) -> dict[str, Any]:
+              verify: Sequence[float] | None = None, shape: TreeShape = CHAIN) -> dict[str, Any]:
     """{'length', 'alpha', 'cost', 'bound', 'expected'}: the length to draft at, from a run at
     CALIBRATION_LENGTH (shorter for a tree, so that its verification was measured). With measured
     verification costs (`verify`, the own loop) the length maximises the speedup expected with them
     (`expected`), else Leviathan's bound. A tree's alpha is its effective per-depth acceptance."""
-    probe_length = CALIBRATION_LENGTH if not verify else max(1, min(CALIBRATION_LENGTH, (len(verify) - 1) // width))
-    probe = time_drafted(loop, private, draft, prompts, config, probe_length, tokenizers=tokenizers, width=width)
+    per_depth = shape.nodes_per_depth
+    probe_length = CALIBRATION_LENGTH if not verify else max(1, min(CALIBRATION_LENGTH, (len(verify) - 1) // per_depth))
+    probe = time_drafted(loop, private, draft, prompts, config, probe_length, tokenizers=tokenizers, shape=shape)
     alpha = estimate_alpha(probe.acceptance, probe_length)
     if alpha is None:  # token spaces translated: no acceptance to go by; draft at the calibration length
         return {"length": probe_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
                 "prompts": len(prompts)}
     if verify:
-        length, expected = metrics.best_draft_length_measured(alpha, cost, verify, width)
+        length, expected = metrics.best_draft_length_measured(alpha, cost, verify, per_depth)
         return {"length": length, "alpha": alpha, "cost": cost, "bound": metrics.speedup_bound(alpha, length, cost),
                 "expected": expected, "prompts": len(prompts)}
     length, bound = metrics.best_draft_length(alpha, cost)

@@ -20,6 +20,30 @@ import torch
 
 
 @dataclass(frozen=True)
+class TreeShape:
+    """What a step verifies: `width` guesses of the draft per depth, and a prompt-lookup branch or not."""
+
+    width: int = 1
+    lookup: bool = False
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"a draft tree needs width >= 1, got {self.width}")
+
+    @property
+    def nodes_per_depth(self) -> int:
+        """At most this many nodes per draft depth (a step at length k verifies up to k x this + 1)."""
+        return self.width + int(self.lookup)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.nodes_per_depth == 1
+
+
+CHAIN = TreeShape()
+
+
+@dataclass(frozen=True)
 class Tree:
     """Nodes in verification order: the chain c_0..c_{k-1} first (so accepting a chain prefix keeps a
     cache prefix), then the siblings. parent[i] = -1 for a child of the root (the newest committed token)."""
@@ -47,6 +71,42 @@ class Tree:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def with_path(self, path: Sequence[int]) -> Tree:
+        """The tree with `path` (tokens from the root) added as a branch: nodes it shares with the tree
+        are reused, the rest appended after them (so the chain stays first)."""
+        tokens, parent, depth = list(self.tokens), list(self.parent), list(self.depth)
+        node = -1
+        for d, token in enumerate(map(int, path)):
+            child = next((i for i, p in enumerate(parent) if p == node and tokens[i] == token), None)
+            if child is None:
+                tokens.append(token)
+                parent.append(node)
+                depth.append(d)
+                child = len(tokens) - 1
+            node = child
+        return Tree(tuple(tokens), tuple(parent), tuple(depth))
+
+
+LOOKUP_NGRAMS = (3, 2)  # the longest suffix of the committed tokens looked up first
+
+
+def lookup_continuation(seq: Sequence[int], length: int, ngrams: Sequence[int] = LOOKUP_NGRAMS) -> list[int]:
+    """Prompt lookup (Saxena 2023): the `length` tokens that followed the latest earlier occurrence of
+    the committed text's last n tokens (n from `ngrams`, longest first); [] when none recurs.
+
+    Code repeats itself (names from the signature, a loop's shape), and a greedy small model more so;
+    the guess costs no model forward, so it rides in the tree as one more branch."""
+    if length < 1:
+        return []
+    for n in ngrams:
+        if n < 1 or len(seq) <= n:
+            continue
+        tail = list(seq[-n:])
+        for start in range(len(seq) - n - 1, -1, -1):
+            if list(seq[start:start + n]) == tail:
+                return [int(t) for t in seq[start + n:start + n + length]]
+    return []
 
 
 def tree_inputs(tree: Tree, past: int, pending: int, dtype: torch.dtype, device: torch.device

@@ -35,16 +35,22 @@ class FeaturePlan:
     new_tokens: int = NEW_TOKENS
     steps: int = 600
     lr: float = LR
+    code_tokens: int = 0  # tokens of the local code itself (P's features and argmax on it) beside P's continuations
 
     @classmethod
-    def of(cls, prompts: int, new_tokens: int, steps: int, lr: float | None) -> FeaturePlan:
+    def of(cls, prompts: int, new_tokens: int, steps: int, lr: float | None, code_tokens: int = 0) -> FeaturePlan:
         """The plan with defaults for unset values (sizes 0, lr None)."""
-        return cls(prompts or PROMPTS, new_tokens or NEW_TOKENS, steps, LR if lr is None else lr)
+        if code_tokens < 0:
+            raise ValueError(f"code tokens must be >= 0, got {code_tokens}")
+        return cls(prompts or PROMPTS, new_tokens or NEW_TOKENS, steps, LR if lr is None else lr, code_tokens)
 
 
 def build_feature_draft(private, tokenizer, files: Sequence[Path], *, vocab: int, seed: int, plan: FeaturePlan,
-                        progress: Callable[[str], None]) -> tuple[FeatureDraft, dict[str, Any]]:
-    """(the trained draft in eval mode, how it was built): P is never changed."""
+                        progress: Callable[[str], None], code: torch.Tensor | None = None
+                        ) -> tuple[FeatureDraft, dict[str, Any]]:
+    """(the trained draft in eval mode, how it was built): P is never changed. `code` (blocks, T): token
+    blocks of the local code, trained on beside P's continuations (every position: P's features on
+    real code and P's argmax there), when the plan asks for code tokens."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the feature draft's greedy data needs the tokenizer's EOS id (it pads with it)")
@@ -74,6 +80,11 @@ def build_feature_draft(private, tokenizer, files: Sequence[Path], *, vocab: int
         info["method"] += f", head over the {keep.numel():,} most frequent tokens of the prompts and P's continuations"
     cached = FeatureSet.build(private, data.sequences, data.starts, pad=int(eos))
     train, held = cached.split(HELD)
+    if code is not None and code.numel():
+        progress(f"feature draft: P's features on {code.numel():,} tokens of the local code ({len(code)} blocks)")
+        blocks = [row.tolist() for row in code]
+        train = train.join(FeatureSet.build(private, blocks, [1] * len(blocks), pad=int(eos)), pad=int(eos))
+        info["code_tokens"] = int(code.numel())
     fit = fit_feature_draft(draft, train, held, steps=plan.steps, batch=BATCH, lr=plan.lr, seed=seed,
                             progress=progress)
     info.update({"seconds": fit.seconds, "agreement_before": fit.agreement_before,

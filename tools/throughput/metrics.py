@@ -176,7 +176,7 @@ def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequ
     """Leviathan's bound with the measured cost of one verification in place of 1: `verify[n - 1]` is
     one target forward over n tokens in plain target tokens (on a CPU it grows with n, and not
     monotonically: matrix kernels differ by shape). Drafting nothing (gamma 0) costs verify[0]. A draft
-    tree of `width` guesses per depth verifies gamma * width + 1 tokens (alpha: its effective acceptance)."""
+    tree of up to `width` nodes per depth verifies gamma * width + 1 tokens (alpha: its effective acceptance)."""
     if width < 1 or not 0 <= gamma * width < len(verify):
         raise ValueError(f"draft length {gamma} at width {width} needs the cost of verifying "
                          f"{gamma * width + 1} tokens; {len(verify)} measured")

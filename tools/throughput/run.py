@@ -27,6 +27,7 @@ from tools.throughput import metrics
 from tools.throughput.decode_plan import decode_layout
 from tools.throughput.draft import local_code, local_files, train_draft
 from tools.throughput.draft_length import CALIBRATION_PROMPTS, calibrate, estimate_alpha
+from tools.throughput.draft_tree import TreeShape
 from tools.throughput.errors import BenchFailure
 from tools.throughput.feature_self_draft import FeaturePlan, build_feature_draft
 from tools.throughput.generation import (
@@ -43,6 +44,7 @@ from tools.throughput.training import SEQ, time_training
 
 Progress = Callable[[str], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CODE_BLOCK = 256  # features: local-code blocks as wide as a function prompt and its continuation
 DATA_TOKENS = 120_000  # local-code tokens for drafting and training (enough blocks for random batches)
 
 
@@ -79,6 +81,8 @@ class Options:
     draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
     agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
     tree_width: int = 1  # features: guesses per draft depth verified as a tree (1: a chain)
+    draft_code_tokens: int = 0  # features: local-code tokens trained on beside P's greedy continuations
+    lookup_branch: bool = False  # features: the prompt-lookup continuation as one more tree branch
     decode_layout: str = "auto"  # auto: matrix-product layout per decode row count, measured (CPU); linear: F.linear
 
 
@@ -103,7 +107,8 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
                                "frontier` on a convergence run's checkpoints (its shared-prefix arms draft P by its "
                                "own prefix)")
     if opts.draft_kind == "features":
-        plan = FeaturePlan.of(opts.greedy_prompts, opts.greedy_tokens, opts.exit_steps, opts.exit_lr)
+        plan = FeaturePlan.of(opts.greedy_prompts, opts.greedy_tokens, opts.exit_steps, opts.exit_lr,
+                              opts.draft_code_tokens)
         try:
             if opts.draft_file is not None and opts.draft_file.exists():
                 say(f"feature draft: loading {opts.draft_file} (delete it to train a new one)")
@@ -113,8 +118,11 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
                     "method": "feature draft (EAGLE) loaded from a file trained by an earlier run",
                     "file": str(opts.draft_file), "exit_data": "function prompts", "steps": None,
                     "vocab": None if ids is None else int(ids.numel())}
+            code = local_code(pair.tokenizer, CODE_BLOCK, plan.code_tokens, opts.seed).train_blocks \
+                if plan.code_tokens else None
             draft, info = build_feature_draft(pair.private, pair.tokenizer, local_files(opts.seed),
-                                              vocab=opts.draft_vocab, seed=opts.seed, plan=plan, progress=say)
+                                              vocab=opts.draft_vocab, seed=opts.seed, plan=plan, progress=say,
+                                              code=code)
         except ValueError as exc:
             raise BenchFailure(f"--draft features: {exc}") from None
         if opts.draft_file is not None:
@@ -166,6 +174,7 @@ def _draft_label(level: int | None, draft=None) -> str:
 def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: list[list[int]],
                 calibration: list[list[int]], say: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     config = greedy_config(pair.tokenizer, opts.max_new_tokens)
+    shape = TreeShape(opts.tree_width, opts.lookup_branch)
     rows: list[dict[str, Any]] = []
     plain_b1 = draft_b1 = None
     for bs in opts.batch_sizes:
@@ -217,17 +226,18 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     if opts.draft_length is None:
         say(f"draft length: calibrating on {len(calibration)} prompts outside the measured ones (c = {cost:.3f})")
         chosen = calibrate(pair.private, draft, calibration, config, cost, tokenizers, loop=loop, verify=verify,
-                           width=opts.tree_width)
+                           shape=shape)
         say(f"draft length {chosen['length']} (acceptance alpha {chosen['alpha']}, bound {chosen['bound']})")
     else:
         chosen = {"length": opts.draft_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
                   "prompts": 0}
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
-    tree = f", a tree of {opts.tree_width} guesses per depth" if opts.tree_width > 1 else ""
+    tree = "" if shape.is_chain else (f", a tree of {shape.width} guesses per depth"
+                                      + (" and a prompt-lookup branch" if shape.lookup else ""))
     say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step{tree}, {loop} loop), batch 1")
     assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say,
-                            width=opts.tree_width)
+                            shape=shape)
     rows.append(_gen_row("private+draft", level, assisted, len(prompts)))
     for bs in opts.batch_sizes:
         if bs != 1:
@@ -263,12 +273,12 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "forward_costs": forwards, "verify_costs": verify,
                "expected_with_verify_cost": None if alpha is None or verify is None
-               or length * opts.tree_width >= len(verify)
-               else metrics.speedup_with_verify_cost(alpha, length, cost, verify, opts.tree_width),
-               "tree_width": opts.tree_width,
+               or length * shape.nodes_per_depth >= len(verify)
+               else metrics.speedup_with_verify_cost(alpha, length, cost, verify, shape.nodes_per_depth),
+               "tree_width": shape.width, "lookup_branch": shape.lookup,
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
-               "loop_split": _split(assisted, plain_b1, length, alpha, opts.tree_width),
+               "loop_split": _split(assisted, plain_b1, length, alpha, shape.nodes_per_depth),
                "own_loop_no_draft": own_plain, **acc}
     return rows, summary
 

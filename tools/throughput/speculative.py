@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from fednode.learning.feature_draft import FeatureDraft, features
-from tools.throughput.draft_tree import Tree, accept, tree_inputs
+from tools.throughput.draft_tree import CHAIN, Tree, TreeShape, accept, lookup_continuation, tree_inputs
 from tools.throughput.generation import WARMUP_TOKENS, GenRun, fixed_draft_length, sync, time_assisted
 from tools.throughput.metrics import Acceptance
 
@@ -193,15 +193,15 @@ def _top(logits: torch.Tensor, banned: Sequence[int], width: int) -> list[int]:
 
 @torch.no_grad()
 def feature_tree_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_new_tokens: int, length: int,
-                        width: int, banned: Sequence[int] = ()) -> Decoded:
-    """As `feature_speculative_greedy`, verifying a tree: the draft's chain of `length` tokens and its
-    `width - 1` runners-up at every depth as siblings (`draft_tree`), all in one target forward.
+                        shape: TreeShape, banned: Sequence[int] = ()) -> Decoded:
+    """As `feature_speculative_greedy`, verifying a tree: the draft's chain of `length` tokens, its
+    `shape.width - 1` runners-up at every depth as siblings and, with `shape.lookup`, the prompt-lookup
+    continuation of the committed text as a branch (`draft_tree`), all in one target forward.
 
     The target keeps the path it agrees with (its cache and features gathered to that path); the
     draft is cropped back to the true features as in the chain loop.
     """
-    if width < 1:
-        raise ValueError(f"a draft tree needs width >= 1, got {width}")
+    width = shape.width
     steps = _Steps(prompt, max_new_tokens, length)
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
@@ -224,6 +224,8 @@ def feature_tree_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_
                     hidden = draft(hidden, _ids(chain[-1:], device), cache=d_cache)
             _crop(d_cache, n)
         tree = Tree.of(chain, siblings)
+        if shape.lookup and k:
+            tree = tree.with_path(lookup_continuation(seq, k))
         drafted = time.perf_counter()
         steps.d_time += drafted - started
         past = t_cache.get_seq_length()
@@ -319,18 +321,18 @@ def banned_ids(config) -> tuple[int, ...]:
 
 
 def time_speculative(target, draft, prompts: Sequence[Sequence[int]], config, length: int,
-                     progress: Callable[[str], None] | None = None, width: int = 1) -> GenRun:
+                     progress: Callable[[str], None] | None = None, shape: TreeShape = CHAIN) -> GenRun:
     """Timed `speculative_greedy` over every prompt, after one untimed warm-up call (as `time_assisted`);
-    a feature draft with `width` > 1 verifies a draft tree (`feature_tree_greedy`)."""
+    a feature draft with a tree `shape` verifies a draft tree (`feature_tree_greedy`)."""
     if (config.min_new_tokens or 0) < config.max_new_tokens:
         raise ValueError("the own loop generates exactly max_new_tokens: set min_new_tokens = max_new_tokens")
     banned = banned_ids(config)
     device = next(target.parameters()).device
-    if width > 1 and not isinstance(draft, FeatureDraft):
-        raise ValueError("a draft tree is built from a feature draft's runners-up: use --draft features")
-    if width > 1:
+    if not shape.is_chain and not isinstance(draft, FeatureDraft):
+        raise ValueError("a draft tree is built around a feature draft's guesses: use --draft features")
+    if not shape.is_chain:
         def decode(t, d, p, new, k, b):
-            return feature_tree_greedy(t, d, p, new, k, width, b)
+            return feature_tree_greedy(t, d, p, new, k, shape, b)
     else:
         decode = feature_speculative_greedy if isinstance(draft, FeatureDraft) else speculative_greedy
     decode(target, draft, prompts[0], WARMUP_TOKENS, length, banned)
@@ -361,15 +363,15 @@ LOOPS = ("own", "transformers")  # own: this module's loop; transformers: assist
 
 def time_drafted(loop: str, target, draft, prompts: Sequence[Sequence[int]], config, length: int,
                  tokenizers: tuple | None = None, progress: Callable[[str], None] | None = None,
-                 width: int = 1) -> GenRun:
-    """P drafted `length` tokens a step by `draft` (a tree of `width` guesses per depth: own loop, feature
-    draft), timed with the chosen loop (same tokens either way)."""
+                 shape: TreeShape = CHAIN) -> GenRun:
+    """P drafted `length` tokens a step by `draft` (or a draft tree of `shape`: own loop, feature draft),
+    timed with the chosen loop (same tokens either way)."""
     if loop == "own":
         if tokenizers is not None:
             raise ValueError("the own loop needs the draft to share the target's token space: use --loop transformers")
-        return time_speculative(target, draft, prompts, config, length, progress, width)
+        return time_speculative(target, draft, prompts, config, length, progress, shape)
     if loop == "transformers":
-        if width > 1:
+        if not shape.is_chain:
             raise ValueError("a draft tree runs in the own loop only")
         if isinstance(draft, FeatureDraft):
             raise ValueError("a feature draft reads the private model's features: only the own loop runs it")

@@ -89,6 +89,16 @@ def test_feature_set_counts_only_positions_whose_input_token_p_wrote(private):
         FeatureSet.build(private, [[1, 2]], [3], pad=0)
 
 
+def test_joined_feature_sets_pad_the_narrower_and_never_count_the_padding(private):
+    short = FeatureSet.build(private, [[7, 8, 9]], [1], pad=0)  # real code: every position counts
+    wide = FeatureSet.build(private, [[7, 8, 9, 10, 11]], [3], pad=0)
+    both = short.join(wide, pad=0)
+    assert both.features.shape == (2, 5, FOUR.hidden_size) and len(both) == 2
+    assert both.counted.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert both.tokens[0].tolist() == [7, 8, 9, 0, 0] and torch.equal(both.features[0, :3], short.features[0])
+    assert torch.equal(both.features[1], wide.features[0]) and not both.features[0, 3:].any()
+
+
 @pytest.mark.parametrize("length", [1, 3, 7])
 def test_the_feature_draft_gives_ps_greedy_tokens(private, trained, length):
     draft = trained[0]

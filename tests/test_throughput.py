@@ -337,7 +337,7 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     result = CliRunner().invoke(throughput, ["--preset", "micro", "--limit", "1", "--max-new-tokens", "8",
                                              "--batch-sizes", "1", "--draft", "features", "--exit-steps", "2",
                                              "--draft-vocab", "64", "--draft-length", "3", "--tree-width", "2",
-                                             "--greedy-prompts", "20",
+                                             "--greedy-prompts", "20", "--draft-code-tokens", "3000",
                                              "--greedy-tokens", "4", "--train-steps", "1", "--agreement-prompts",
                                              "6", "--cache",
                                              str(tmp_path / "cache"), "--out", str(out)])
@@ -348,6 +348,7 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     data = json.loads((out / "throughput.json").read_text())
     info = data["draft_training"]
     assert info["steps"] == 2 and info["vocab"] >= 64 and 0.0 <= info["agreement_after"] <= 1.0
+    assert 0 < info["code_tokens"] <= 3000  # local-code blocks trained on beside P's continuations
     he = info["humaneval_agreement"]
     assert he["prompts"] == 6 and he["positions"] == 6 * 8 and 0.0 <= last["humaneval_agreement"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
@@ -397,6 +398,7 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
     (["--tree-width", "2"], "--tree-width and --lookup-branch apply to --draft features"),
     (["--lookup-branch"], "--tree-width and --lookup-branch apply to --draft features"),
+    (["--draft-code-tokens", "100"], "--draft-code-tokens applies to --draft features"),
     (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):

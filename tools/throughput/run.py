@@ -118,7 +118,8 @@ def _models(opts: Options, pair: Pair, say: Progress) -> tuple[Pair, Any, int | 
                     "method": "feature draft (EAGLE) loaded from a file trained by an earlier run",
                     "file": str(opts.draft_file), "exit_data": "function prompts", "steps": None,
                     "vocab": None if ids is None else int(ids.numel())}
-            code = local_code(pair.tokenizer, CODE_BLOCK, plan.code_tokens, opts.seed).train_blocks \
+            block = min(CODE_BLOCK, pair.private.config.max_position_embeddings)
+            code = local_code(pair.tokenizer, block, plan.code_tokens, opts.seed).train_blocks \
                 if plan.code_tokens else None
             draft, info = build_feature_draft(pair.private, pair.tokenizer, local_files(opts.seed),
                                               vocab=opts.draft_vocab, seed=opts.seed, plan=plan, progress=say,

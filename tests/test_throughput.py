@@ -361,6 +361,10 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     assert bare["identical"] is True and bare["tokens_per_s"] > 0 and last["speedup_vs_own_loop_no_draft"] > 0
     assert data["training"] is not None  # P trains in float32 after generating
     assert "feature draft (EAGLE)" in (out / "throughput.md").read_text()
+    paired = data["assisted"]["paired"]  # plain, the bare own loop and the drafted loop in turns, per prompt
+    assert paired["identical"] is True and paired["prompts"] == 1
+    assert set(paired["speedup"]) == {"plain", "own_loop_no_draft"} and last["paired_speedup"] == paired["speedup"]
+    assert all(v["tokens"] == 8 and v["seconds"] > 0 for v in paired["arms"].values())
     layout = data["decode_layout"]  # every figure ran with the layouts timed on this machine, reported
     assert layout["mode"] == "auto" and set(layout["plan"]) == {str(n) for n in range(1, MAX_VERIFY + 1)}
     assert set(layout["seconds"]["1"]) == {"linear", "w-xt", "x-wt"} and last["decode_plan"] == layout["plan"]
@@ -404,3 +408,25 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(throughput, [*args, "--out", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_paired_timing_takes_turns_and_reverses_the_order_on_every_other_prompt():
+    from tools.throughput.generation import GenRun
+    from tools.throughput.paired import paired_runs, paired_summary
+
+    calls = []
+
+    def arm(name, seconds):
+        def run(prompts):
+            calls.append((name, prompts[0][0]))
+            out = GenRun(1, tokens=4, seconds=seconds, calls=1, outputs=[[prompts[0][0]] * 4])
+            return out
+        return run
+
+    runs = paired_runs({"plain": arm("plain", 2.0), "drafted": arm("drafted", 1.0)}, [[1], [2], [3]])
+    assert calls == [("plain", 1), ("drafted", 1), ("drafted", 2), ("plain", 2), ("plain", 3), ("drafted", 3)]
+    summary = paired_summary(runs, "plain", "drafted")
+    assert summary["speedup"] == {"plain": pytest.approx(2.0)} and summary["identical"] is True
+    assert runs["plain"].tokens == 12 and runs["plain"].outputs == [[1] * 4, [2] * 4, [3] * 4]
+    with pytest.raises(ValueError, match="at least one"):
+        paired_runs({}, [[1]])

@@ -155,6 +155,9 @@ class _Say:
 @click.option("--lookup-branch", is_flag=True, default=False,
               help="--draft features: also verify the prompt-lookup continuation (the tokens that followed the "
                    "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch.")
+@click.option("--paired/--no-paired", default=True, show_default=True,
+              help="Own loop: also time plain greedy, the loop drafting nothing and the drafted loop prompt by "
+                   "prompt in turns (machine drift hits all alike), reported as `paired`.")
 @click.option("--decode-layout", type=click.Choice(("auto", "linear")), default="auto", show_default=True,
               help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..9 tokens and give "
                    "P (and the draft) the fastest per row count, for every figure of the run; linear: torch's "
@@ -169,7 +172,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
-               decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int) -> None:
+               decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int,
+               paired: bool) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -239,7 +243,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    exit_loss=exit_loss, exit_lr=exit_lr, greedy_prompts=greedy_prompts or 0,
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
                    draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout,
-                   tree_width=tree_width, lookup_branch=lookup_branch, draft_code_tokens=draft_code_tokens)
+                   tree_width=tree_width, lookup_branch=lookup_branch, draft_code_tokens=draft_code_tokens,
+                   paired=paired)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -40,6 +40,7 @@ def summary(result: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
         "other_loop": a.get("other_loop"),
         "expected_with_verify_cost": a.get("expected_with_verify_cost"),
         "decode_plan": (result.get("decode_layout") or {}).get("plan"),
+        "paired_speedup": (a.get("paired") or {}).get("speedup"),
         "speedup_vs_own_loop_no_draft": (a.get("own_loop_no_draft") or {}).get("draft_speedup"),
         "exit_data": result["draft_training"].get("exit_data"),
         "exit_agreement": result["draft_training"].get("agreement_after"),
@@ -100,6 +101,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any], plot_name: str) -> st
         *_own_plain_line(a.get("own_loop_no_draft")),
         *_verify_line(a.get("verify_costs"), a.get("expected_with_verify_cost")),
         *_layout_line(result.get("decode_layout")),
+        *_paired_line(a.get("paired")),
         f"- draft settings: {a['settings']}; tokenizer shared: {a['tokenizer']['shared']} ({a['tokenizer']['note']})",
         f"- loop: {a.get('loop')} (own: one draft forward per draft token and one private-model forward per step; "
         "transformers: assisted generation); drafting is measured at batch 1 only",
@@ -131,6 +133,15 @@ def _draft_line(result: dict[str, Any]) -> str:
     return (f"messenger level {a['draft_level']}, {result['messenger_params']:,} params; private/draft parameter "
             f"ratio **{result['param_ratio']:.2f}x** (asked: >= {result['min_param_ratio']:.0f}x"
             f"{'' if ok else ', NOT met'})")
+
+
+def _paired_line(paired: dict[str, Any] | None) -> list[str]:
+    if not paired:
+        return []
+    arms = ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in paired["arms"].items())
+    ratios = ", ".join(f"**{v:.2f}x** over {k}" for k, v in paired["speedup"].items())
+    return [f"- paired (each prompt decoded by every arm in turns, drift cancelled): tokens/s {arms}; drafted "
+            f"{ratios}; identical: {'yes' if paired['identical'] else 'NO'}"]
 
 
 def _layout_line(layout: dict[str, Any] | None) -> list[str]:

@@ -37,6 +37,7 @@ from tools.throughput.generation import (
     time_plain,
 )
 from tools.throughput.greedy_data import greedy_ragged
+from tools.throughput.paired import paired_runs, paired_summary
 from tools.throughput.presets import MIN_PARAM_RATIO, Pair, load_pair, tokenizer_check
 from tools.throughput.self_draft import ExitPlan, build_self_draft, default_exit_layers
 from tools.throughput.speculative import MAX_VERIFY, step_costs, time_drafted, time_feature_draft, verify_costs
@@ -83,6 +84,7 @@ class Options:
     tree_width: int = 1  # features: guesses per draft depth verified as a tree (1: a chain)
     draft_code_tokens: int = 0  # features: local-code tokens trained on beside P's greedy continuations
     lookup_branch: bool = False  # features: the prompt-lookup continuation as one more tree branch
+    paired: bool = True  # own loop: plain, the loop drafting nothing and the drafted loop in turns, per prompt
     decode_layout: str = "auto"  # auto: matrix-product layout per decode row count, measured (CPU); linear: F.linear
 
 
@@ -259,6 +261,14 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
         other = {"loop": other_loop, "tokens_per_s": again.tokens_per_s,
                  "draft_speedup": metrics.draft_speedup(again.tokens_per_s, plain_b1.tokens_per_s),
                  "identical": metrics.compare_outputs(plain_b1.outputs, again.outputs).identical}
+    paired = None
+    if opts.paired and loop == "own":
+        say("paired: plain greedy, the own loop drafting nothing and the drafted loop, prompt by prompt in turns")
+        arms = {"plain": lambda ps: time_plain(pair.private, ps, 1, config),
+                "own_loop_no_draft": lambda ps: time_drafted("own", pair.private, draft, ps, config, 0),
+                "drafted": lambda ps: time_drafted("own", pair.private, draft, ps, config, length, shape=shape)}
+        paired = paired_summary(paired_runs(arms, prompts), "plain", "drafted")
+        say("paired: drafted " + ", ".join(f"{v:.3f}x {k}" for k, v in paired["speedup"].items()))
     acc = assisted.acceptance.as_dict() if assisted.acceptance is not None else {}
     alpha = estimate_alpha(assisted.acceptance, length)
     head = draft.head if isinstance(draft, FeatureDraft) else getattr(draft, "lm_head", None)
@@ -280,7 +290,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
                "loop_split": _split(assisted, plain_b1, length, alpha, shape.nodes_per_depth),
-               "own_loop_no_draft": own_plain, **acc}
+               "own_loop_no_draft": own_plain, "paired": paired, **acc}
     return rows, summary
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools.throughput.draft_tree import Tree, accept, lookup_continuation, tree_inputs
+from tools.throughput.draft_tree import CHAIN, Tree, TreeShape, accept, lookup_continuation, tree_inputs
 
 
 def test_the_chain_comes_first_and_duplicate_siblings_are_dropped():
@@ -70,3 +70,23 @@ def test_prompt_lookup_continues_the_latest_earlier_occurrence_longest_ngram_fir
     assert lookup_continuation([1, 2, 3, 4], 3) == []  # nothing recurs
     assert lookup_continuation(seq, 0) == [] and lookup_continuation([7], 2) == []
     assert lookup_continuation([5, 6, 5, 6], 4) == [5, 6]  # the continuation may run into the tail
+
+
+def test_a_capped_tree_keeps_shallow_nodes_first_then_chain_lookup_runners_up():
+    tree = Tree.of([10, 11, 12], [[20, 21], [22]]).with_path([30, 31])
+    assert tree.rank == (0, 0, 0, 2, 3, 2, 1, 1)  # chain, runners-up 2 and 3, lookup 1
+    capped = tree.pruned(4)  # depth 0: 10, 30 (lookup), 20, 21 (runners-up by rank)
+    assert capped.tokens == (10, 20, 21, 30) and capped.parent == (-1, -1, -1, -1)
+    five = tree.pruned(5)  # then the chain's depth-1 node, its parent kept
+    assert five.tokens == (10, 11, 20, 21, 30) and five.parent == (-1, 0, -1, -1, -1)
+    assert tree.pruned(0) == tree and tree.pruned(99) == tree
+
+
+def test_a_tree_shape_counts_its_nodes_and_the_lengths_worth_timing():
+    shape = TreeShape(2, lookup=True)
+    assert shape.nodes_per_depth == 3 and shape.nodes(2) == 6 and shape.max_length(13) == 4
+    capped = TreeShape(2, lookup=True, max_nodes=4)
+    assert capped.nodes(1) == 3 and capped.nodes(3) == 4 and capped.max_length(13) == 2  # the chain reaches depth 2
+    assert CHAIN.is_chain and not shape.is_chain and CHAIN.max_length(13) == 12
+    with pytest.raises(ValueError, match="cap"):
+        TreeShape(1, max_nodes=-1)

@@ -400,8 +400,9 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--draft", "features", "--loop", "transformers"], "only the own loop"),
     (["--dtype", "float16"], "Invalid value for '--dtype'"),
     (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
-    (["--tree-width", "2"], "--tree-width and --lookup-branch apply to --draft features"),
-    (["--lookup-branch"], "--tree-width and --lookup-branch apply to --draft features"),
+    (["--tree-width", "2"], "--tree-nodes and --lookup-branch apply to --draft features"),
+    (["--lookup-branch"], "--tree-nodes and --lookup-branch apply to --draft features"),
+    (["--tree-nodes", "3"], "--tree-nodes and --lookup-branch apply to --draft features"),
     (["--draft-code-tokens", "100"], "--draft-code-tokens applies to --draft features"),
     (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])

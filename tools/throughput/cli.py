@@ -152,6 +152,9 @@ class _Say:
 @click.option("--draft-code-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft features: also train on N tokens of the local code itself (P's features and argmax "
                    "at every position, no generation needed) beside P's greedy continuations.")
+@click.option("--tree-nodes", type=click.IntRange(min=0, max=12), default=0, show_default=True,
+              help="--draft features with a tree: verify at most N tree nodes per step (shallower first, then the "
+                   "chain, the lookup branch, the runners-up); 0: no cap.")
 @click.option("--lookup-branch", is_flag=True, default=False,
               help="--draft features: also verify the prompt-lookup continuation (the tokens that followed the "
                    "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch.")
@@ -173,7 +176,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
                decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int,
-               paired: bool) -> None:
+               paired: bool, tree_nodes: int) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -201,8 +204,9 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
-    if (tree_width > 1 or lookup_branch) and draft_kind != "features":
-        raise click.UsageError("--tree-width and --lookup-branch apply to --draft features (a tree around the "
+    if (tree_width > 1 or lookup_branch or tree_nodes) and draft_kind != "features":
+        raise click.UsageError("--tree-width, --tree-nodes and --lookup-branch apply to --draft features (a tree "
+                               "around the "
                                "feature draft's guesses)")
     if draft_code_tokens and draft_kind != "features":
         raise click.UsageError("--draft-code-tokens applies to --draft features")
@@ -244,7 +248,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
                    draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout,
                    tree_width=tree_width, lookup_branch=lookup_branch, draft_code_tokens=draft_code_tokens,
-                   paired=paired)
+                   paired=paired, tree_nodes=tree_nodes)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

@@ -37,14 +37,15 @@ def calibrate(private, draft, prompts: Sequence[Sequence[int]], config: Generati
     verification costs (`verify`, the own loop) the length maximises the speedup expected with them
     (`expected`), else Leviathan's bound. A tree's alpha is its effective per-depth acceptance."""
     per_depth = shape.nodes_per_depth
-    probe_length = CALIBRATION_LENGTH if not verify else max(1, min(CALIBRATION_LENGTH, (len(verify) - 1) // per_depth))
+    probe_length = CALIBRATION_LENGTH if not verify else max(1, min(CALIBRATION_LENGTH, shape.max_length(len(verify))))
     probe = time_drafted(loop, private, draft, prompts, config, probe_length, tokenizers=tokenizers, shape=shape)
     alpha = estimate_alpha(probe.acceptance, probe_length)
     if alpha is None:  # token spaces translated: no acceptance to go by; draft at the calibration length
         return {"length": probe_length, "alpha": None, "cost": cost, "bound": None, "expected": None,
                 "prompts": len(prompts)}
     if verify:
-        length, expected = metrics.best_draft_length_measured(alpha, cost, verify, per_depth)
+        length, expected = metrics.best_draft_length_measured(alpha, cost, verify, per_depth, shape.nodes,
+                                                              shape.max_length(len(verify)))
         return {"length": length, "alpha": alpha, "cost": cost, "bound": metrics.speedup_bound(alpha, length, cost),
                 "expected": expected, "prompts": len(prompts)}
     length, bound = metrics.best_draft_length(alpha, cost)

@@ -21,19 +21,36 @@ import torch
 
 @dataclass(frozen=True)
 class TreeShape:
-    """What a step verifies: `width` guesses of the draft per depth, and a prompt-lookup branch or not."""
+    """What a step verifies: `width` guesses of the draft per depth, a prompt-lookup branch or not, and
+    at most `max_nodes` nodes (0: no cap; kept by depth, then chain, lookup, runners-up)."""
 
     width: int = 1
     lookup: bool = False
+    max_nodes: int = 0
 
     def __post_init__(self) -> None:
         if self.width < 1:
             raise ValueError(f"a draft tree needs width >= 1, got {self.width}")
+        if self.max_nodes < 0:
+            raise ValueError(f"a draft tree's node cap must be >= 0 (0: none), got {self.max_nodes}")
 
     @property
     def nodes_per_depth(self) -> int:
         """At most this many nodes per draft depth (a step at length k verifies up to k x this + 1)."""
         return self.width + int(self.lookup)
+
+    def nodes(self, length: int) -> int:
+        """At most how many nodes a step drafting `length` verifies."""
+        full = length * self.nodes_per_depth
+        return min(full, self.max_nodes) if self.max_nodes else full
+
+    def max_length(self, measured: int) -> int:
+        """The longest useful draft length when forwards over up to `measured` tokens were timed: its
+        nodes must fit, and under a cap the chain reaches no deeper than the cap lets it."""
+        longest = (measured - 1) // self.nodes_per_depth if not self.max_nodes else measured
+        if self.max_nodes:
+            longest = min(longest, -(-self.max_nodes // self.nodes_per_depth))
+        return max(longest, 0)
 
     @property
     def is_chain(self) -> bool:
@@ -51,6 +68,11 @@ class Tree:
     tokens: tuple[int, ...]
     parent: tuple[int, ...]
     depth: tuple[int, ...]
+    rank: tuple[int, ...] = ()  # within a depth, what a cap keeps first: 0 chain, 1 lookup, 2 + j runner-up j
+
+    def __post_init__(self) -> None:
+        if not self.rank:
+            object.__setattr__(self, "rank", (0,) * len(self.tokens))
 
     @classmethod
     def of(cls, chain: Sequence[int], siblings: Sequence[Sequence[int]] = ()) -> Tree:
@@ -58,16 +80,18 @@ class Tree:
         if len(siblings) > len(chain):
             raise ValueError(f"siblings for {len(siblings)} depths, but the chain has {len(chain)}")
         tokens, parent, depth = list(chain), [i - 1 for i in range(len(chain))], list(range(len(chain)))
+        rank = [0] * len(chain)
         for d, alts in enumerate(siblings):
             seen = {int(chain[d])}
             for token in map(int, alts):
                 if token in seen:
                     continue  # a duplicate would be verified twice for nothing
+                rank.append(1 + len(seen))  # the first runner-up 2, the next 3, ...
                 seen.add(token)
                 tokens.append(token)
                 parent.append(d - 1)
                 depth.append(d)
-        return cls(tuple(int(t) for t in tokens), tuple(parent), tuple(depth))
+        return cls(tuple(int(t) for t in tokens), tuple(parent), tuple(depth), tuple(rank))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -75,7 +99,7 @@ class Tree:
     def with_path(self, path: Sequence[int]) -> Tree:
         """The tree with `path` (tokens from the root) added as a branch: nodes it shares with the tree
         are reused, the rest appended after them (so the chain stays first)."""
-        tokens, parent, depth = list(self.tokens), list(self.parent), list(self.depth)
+        tokens, parent, depth, rank = list(self.tokens), list(self.parent), list(self.depth), list(self.rank)
         node = -1
         for d, token in enumerate(map(int, path)):
             child = next((i for i, p in enumerate(parent) if p == node and tokens[i] == token), None)
@@ -83,9 +107,20 @@ class Tree:
                 tokens.append(token)
                 parent.append(node)
                 depth.append(d)
+                rank.append(1)
                 child = len(tokens) - 1
             node = child
-        return Tree(tuple(tokens), tuple(parent), tuple(depth))
+        return Tree(tuple(tokens), tuple(parent), tuple(depth), tuple(rank))
+
+    def pruned(self, max_nodes: int) -> Tree:
+        """At most `max_nodes` nodes (0: all): shallower first, then by rank. A node's parent is one depth
+        shallower, so it is always kept before the node; the kept ones stay in their order."""
+        if not max_nodes or len(self) <= max_nodes:
+            return self
+        keep = sorted(sorted(range(len(self)), key=lambda i: (self.depth[i], self.rank[i], i))[:max_nodes])
+        new = {old: j for j, old in enumerate(keep)}
+        return Tree(tuple(self.tokens[i] for i in keep), tuple(new.get(self.parent[i], -1) for i in keep),
+                    tuple(self.depth[i] for i in keep), tuple(self.rank[i] for i in keep))
 
 
 LOOKUP_NGRAMS = (3, 2)  # the longest suffix of the committed tokens looked up first

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 SPEEDUP_USEFUL = 1.5  # below this, drafting is not worth its extra model on a site
@@ -171,28 +171,36 @@ def best_draft_length(alpha: float, cost: float, max_gamma: int = 20) -> tuple[i
     return best, speedup_bound(alpha, best, cost)
 
 
-def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequence[float], width: int = 1
-                             ) -> float:
+def speedup_with_verify_cost(alpha: float, gamma: int, cost: float, verify: Sequence[float], width: int = 1,
+                             nodes: int | None = None) -> float:
     """Leviathan's bound with the measured cost of one verification in place of 1: `verify[n - 1]` is
     one target forward over n tokens in plain target tokens (on a CPU it grows with n, and not
     monotonically: matrix kernels differ by shape). Drafting nothing (gamma 0) costs verify[0]. A draft
-    tree of up to `width` nodes per depth verifies gamma * width + 1 tokens (alpha: its effective acceptance)."""
-    if width < 1 or not 0 <= gamma * width < len(verify):
+    tree of up to `width` nodes per depth verifies gamma * width + 1 tokens, or `nodes` + 1 under a cap
+    (alpha: its effective acceptance)."""
+    n = gamma * width if nodes is None else nodes
+    if width < 1 or gamma < 0 or not 0 <= n < len(verify):
         raise ValueError(f"draft length {gamma} at width {width} needs the cost of verifying "
-                         f"{gamma * width + 1} tokens; {len(verify)} measured")
+                         f"{n + 1} tokens; {len(verify)} measured")
     if any(not v > 0 for v in verify):
         raise ValueError(f"verification costs must be > 0, got {list(verify)}")
     expected = speedup_bound(alpha, gamma, 0.0)  # tokens per step
-    return expected / (gamma * cost + verify[gamma * width])
+    return expected / (gamma * cost + verify[n])
 
 
-def best_draft_length_measured(alpha: float, cost: float, verify: Sequence[float], width: int = 1
+def best_draft_length_measured(alpha: float, cost: float, verify: Sequence[float], width: int = 1,
+                               nodes_of: Callable[[int], int] | None = None, longest: int | None = None
                                ) -> tuple[int, float]:
-    """The length maximising `speedup_with_verify_cost` among those whose verification was measured, and
-    that expected speedup over plain decoding (length 0 when no length beats not drafting)."""
-    lengths = range((len(verify) - 1) // max(width, 1) + 1)
-    best = max(lengths, key=lambda g: (speedup_with_verify_cost(alpha, g, cost, verify, width), -g))
-    return best, speedup_with_verify_cost(alpha, best, cost, verify, width)
+    """The length maximising `speedup_with_verify_cost` among those whose verification was measured (up to
+    `longest`; `nodes_of(length)`: a capped tree's nodes), and that expected speedup over plain decoding
+    (length 0 when no length beats not drafting)."""
+    top = (len(verify) - 1) // max(width, 1) if longest is None else longest
+
+    def expected(g: int) -> float:
+        return speedup_with_verify_cost(alpha, g, cost, verify, width, None if nodes_of is None else nodes_of(g))
+
+    best = max(range(top + 1), key=lambda g: (expected(g), -g))
+    return best, expected(best)
 
 
 def alpha_from_tokens_per_call(tokens_per_call: float, gamma: int) -> float:

@@ -27,7 +27,7 @@ from tools.throughput import metrics
 from tools.throughput.decode_plan import decode_layout
 from tools.throughput.draft import local_code, local_files, train_draft
 from tools.throughput.draft_length import CALIBRATION_PROMPTS, calibrate, estimate_alpha
-from tools.throughput.draft_tree import TreeShape
+from tools.throughput.draft_tree import CHAIN, TreeShape
 from tools.throughput.errors import BenchFailure
 from tools.throughput.feature_self_draft import FeaturePlan, build_feature_draft
 from tools.throughput.generation import (
@@ -82,6 +82,7 @@ class Options:
     draft_file: Path | None = None  # features: load the trained draft from here if it exists, else save it here
     agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
     tree_width: int = 1  # features: guesses per draft depth verified as a tree (1: a chain)
+    tree_nodes: int = 0  # features: at most this many tree nodes per step (0: no cap)
     draft_code_tokens: int = 0  # features: local-code tokens trained on beside P's greedy continuations
     lookup_branch: bool = False  # features: the prompt-lookup continuation as one more tree branch
     paired: bool = True  # own loop: plain, the loop drafting nothing and the drafted loop in turns, per prompt
@@ -177,7 +178,7 @@ def _draft_label(level: int | None, draft=None) -> str:
 def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: list[list[int]],
                 calibration: list[list[int]], say: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     config = greedy_config(pair.tokenizer, opts.max_new_tokens)
-    shape = TreeShape(opts.tree_width, opts.lookup_branch)
+    shape = TreeShape(opts.tree_width, opts.lookup_branch, opts.tree_nodes)
     rows: list[dict[str, Any]] = []
     plain_b1 = draft_b1 = None
     for bs in opts.batch_sizes:
@@ -237,7 +238,8 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
     length = max(1, chosen["length"])  # 0 = the bound says do not draft: measured at 1 to show it
     drafting = fixed_draft_length(config, length)
     tree = "" if shape.is_chain else (f", a tree of {shape.width} guesses per depth"
-                                      + (" and a prompt-lookup branch" if shape.lookup else ""))
+                                      + (" and a prompt-lookup branch" if shape.lookup else "")
+                                      + (f", at most {shape.max_nodes} nodes" if shape.max_nodes else ""))
     say(f"private model drafted by {_draft_label(level, draft)} ({length} tokens per step{tree}, {loop} loop), batch 1")
     assisted = time_drafted(loop, pair.private, draft, prompts, config, length, tokenizers=tokenizers, progress=say,
                             shape=shape)
@@ -284,12 +286,13 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                "best_bound": None if alpha is None else metrics.best_draft_length(alpha, cost)[1],
                "forward_costs": forwards, "verify_costs": verify,
                "expected_with_verify_cost": None if alpha is None or verify is None
-               or length * shape.nodes_per_depth >= len(verify)
-               else metrics.speedup_with_verify_cost(alpha, length, cost, verify, shape.nodes_per_depth),
-               "tree_width": shape.width, "lookup_branch": shape.lookup,
+               or shape.nodes(length) >= len(verify)
+               else metrics.speedup_with_verify_cost(alpha, length, cost, verify, shape.nodes_per_depth,
+                                                     shape.nodes(length)),
+               "tree_width": shape.width, "lookup_branch": shape.lookup, "tree_nodes": shape.max_nodes,
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
-               "loop_split": _split(assisted, plain_b1, length, alpha, shape.nodes_per_depth),
+               "loop_split": _split(assisted, plain_b1, length, alpha, shape),
                "own_loop_no_draft": own_plain, "paired": paired, **acc}
     return rows, summary
 
@@ -322,7 +325,8 @@ def _draft_kind(level: int | None, draft) -> str:
     return "self" if level is None else "messenger"
 
 
-def _split(run, plain, length: int, alpha: float | None, width: int = 1) -> dict[str, float | None] | None:
+def _split(run, plain, length: int, alpha: float | None, shape: TreeShape = CHAIN
+           ) -> dict[str, float | None] | None:
     """Where the own loop's time went, and what one verification of length + 1 tokens costs in plain
     private-model tokens (Leviathan's bound takes it as 1; a CPU forward over a few tokens costs more).
     `bound_with_verify_cost` is the bound with that measured cost in place of 1."""
@@ -333,8 +337,8 @@ def _split(run, plain, length: int, alpha: float | None, width: int = 1) -> dict
     verify = split["target_s"] / split["verify_calls"] / token_s
     draft = split["draft_s"] / max(run.acceptance.proposed, 1) / token_s
     expected = None if alpha is None else metrics.speedup_bound(alpha, length, 0.0)  # tokens per step
-    return {**split, "plain_seconds_per_token": token_s, "verified_tokens": length * width + 1, "verify_cost": verify,
-            "draft_cost_in_loop": draft,
+    return {**split, "plain_seconds_per_token": token_s, "verified_tokens": shape.nodes(length) + 1,
+            "verify_cost": verify, "draft_cost_in_loop": draft,
             "bound_with_verify_cost": None if expected is None else expected / (length * draft + verify)}
 
 

@@ -226,6 +226,7 @@ def feature_tree_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_
         tree = Tree.of(chain, siblings)
         if shape.lookup and k:
             tree = tree.with_path(lookup_continuation(seq, k))
+        tree = tree.pruned(shape.max_nodes)
         drafted = time.perf_counter()
         steps.d_time += drafted - started
         past = t_cache.get_seq_length()

@@ -90,3 +90,12 @@ def test_a_tree_shape_counts_its_nodes_and_the_lengths_worth_timing():
     assert CHAIN.is_chain and not shape.is_chain and CHAIN.max_length(13) == 12
     with pytest.raises(ValueError, match="cap"):
         TreeShape(1, max_nodes=-1)
+    deep = TreeShape(2, lookup=True, lookup_depth=4)  # the lookup branch goes on past the draft's one token
+    assert deep.nodes(1) == 3 + 3 and deep.nodes(4) == 12 and deep.nodes(0) == 0
+    with pytest.raises(ValueError, match="lookup depth"):
+        TreeShape(1, lookup_depth=3)
+
+
+def test_the_longest_length_worth_timing_fits_the_deep_lookup_branch():
+    assert TreeShape(2, lookup=True, lookup_depth=12).max_length(13) == 0  # 1 + 11 more lookup nodes > 12
+    assert TreeShape(1, lookup=True, lookup_depth=4).max_length(13) == 6  # 6 x 2 = 12 nodes

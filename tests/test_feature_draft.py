@@ -233,7 +233,8 @@ def test_a_draft_tree_gives_ps_greedy_tokens_and_a_width_of_one_is_the_chain(pri
         one = feature_tree_greedy(private, draft, prompt, NEW, length, TreeShape(1), banned)
         assert one.tokens == chain.tokens == _greedy(private, prompt)
         assert (one.accepted, one.proposed, one.target_calls) == (chain.accepted, chain.proposed, chain.target_calls)
-        for shape in (TreeShape(2), TreeShape(4), TreeShape(1, lookup=True), TreeShape(2, lookup=True, max_nodes=3)):
+        for shape in (TreeShape(2), TreeShape(4), TreeShape(1, lookup=True), TreeShape(2, lookup=True, max_nodes=3),
+                      TreeShape(1, lookup=True, lookup_depth=5)):
             assert feature_tree_greedy(private, draft, prompt, NEW, length, shape, banned).tokens == chain.tokens
 
 

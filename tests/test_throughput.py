@@ -404,6 +404,7 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--lookup-branch"], "--tree-nodes and --lookup-branch apply to --draft features"),
     (["--tree-nodes", "3"], "--tree-nodes and --lookup-branch apply to --draft features"),
     (["--draft-code-tokens", "100"], "--draft-code-tokens applies to --draft features"),
+    (["--draft", "features", "--lookup-depth", "3"], "--lookup-depth applies to --lookup-branch"),
     (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):

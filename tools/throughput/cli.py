@@ -155,6 +155,9 @@ class _Say:
 @click.option("--tree-nodes", type=click.IntRange(min=0, max=12), default=0, show_default=True,
               help="--draft features with a tree: verify at most N tree nodes per step (shallower first, then the "
                    "chain, the lookup branch, the runners-up); 0: no cap.")
+@click.option("--lookup-depth", type=click.IntRange(min=0, max=12), default=0, show_default=True,
+              help="--lookup-branch: the lookup branch reaches N tokens deep even when the draft drafts fewer "
+                   "(it costs no forward, only verification); 0: as deep as the draft.")
 @click.option("--lookup-branch", is_flag=True, default=False,
               help="--draft features: also verify the prompt-lookup continuation (the tokens that followed the "
                    "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch.")
@@ -176,7 +179,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
                decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int,
-               paired: bool, tree_nodes: int) -> None:
+               paired: bool, tree_nodes: int, lookup_depth: int) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -208,6 +211,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
         raise click.UsageError("--tree-width, --tree-nodes and --lookup-branch apply to --draft features (a tree "
                                "around the "
                                "feature draft's guesses)")
+    if lookup_depth and not lookup_branch:
+        raise click.UsageError("--lookup-depth applies to --lookup-branch")
     if draft_code_tokens and draft_kind != "features":
         raise click.UsageError("--draft-code-tokens applies to --draft features")
     if draft_file is not None and draft_kind != "features":
@@ -248,7 +253,7 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                    greedy_tokens=greedy_tokens or 0, compare_loops=compare_loops, dtype=dtype,
                    draft_file=draft_file, agreement_prompts=agreement_prompts, decode_layout=decode_layout,
                    tree_width=tree_width, lookup_branch=lookup_branch, draft_code_tokens=draft_code_tokens,
-                   paired=paired, tree_nodes=tree_nodes)
+                   paired=paired, tree_nodes=tree_nodes, lookup_depth=lookup_depth)
     say = _Say()
     try:
         result = run_benchmark(opts, say)

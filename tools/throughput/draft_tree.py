@@ -27,12 +27,15 @@ class TreeShape:
     width: int = 1
     lookup: bool = False
     max_nodes: int = 0
+    lookup_depth: int = 0  # the lookup branch reaches this deep even when the draft drafts less (0: as deep)
 
     def __post_init__(self) -> None:
         if self.width < 1:
             raise ValueError(f"a draft tree needs width >= 1, got {self.width}")
         if self.max_nodes < 0:
             raise ValueError(f"a draft tree's node cap must be >= 0 (0: none), got {self.max_nodes}")
+        if self.lookup_depth < 0 or (self.lookup_depth and not self.lookup):
+            raise ValueError(f"a lookup depth ({self.lookup_depth}) needs the lookup branch and must be >= 0")
 
     @property
     def nodes_per_depth(self) -> int:
@@ -41,16 +44,18 @@ class TreeShape:
 
     def nodes(self, length: int) -> int:
         """At most how many nodes a step drafting `length` verifies."""
-        full = length * self.nodes_per_depth
+        full = length * self.nodes_per_depth + (max(self.lookup_depth - length, 0) if length else 0)
         return min(full, self.max_nodes) if self.max_nodes else full
 
     def max_length(self, measured: int) -> int:
         """The longest useful draft length when forwards over up to `measured` tokens were timed: its
         nodes must fit, and under a cap the chain reaches no deeper than the cap lets it."""
-        longest = (measured - 1) // self.nodes_per_depth if not self.max_nodes else measured
-        if self.max_nodes:
-            longest = min(longest, -(-self.max_nodes // self.nodes_per_depth))
-        return max(longest, 0)
+        reach = -(-self.max_nodes // self.nodes_per_depth) if self.max_nodes else measured
+        longest = 0
+        for length in range(1, min(reach, measured) + 1):
+            if self.nodes(length) <= measured - 1:
+                longest = length
+        return longest
 
     @property
     def is_chain(self) -> bool:

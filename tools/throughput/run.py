@@ -83,6 +83,7 @@ class Options:
     agreement_prompts: int = 0  # features: first-token agreement with P's greedy output on N HumanEval prompts
     tree_width: int = 1  # features: guesses per draft depth verified as a tree (1: a chain)
     tree_nodes: int = 0  # features: at most this many tree nodes per step (0: no cap)
+    lookup_depth: int = 0  # features: the lookup branch's depth when deeper than the draft (0: the draft's)
     draft_code_tokens: int = 0  # features: local-code tokens trained on beside P's greedy continuations
     lookup_branch: bool = False  # features: the prompt-lookup continuation as one more tree branch
     paired: bool = True  # own loop: plain, the loop drafting nothing and the drafted loop in turns, per prompt
@@ -178,7 +179,7 @@ def _draft_label(level: int | None, draft=None) -> str:
 def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: list[list[int]],
                 calibration: list[list[int]], say: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     config = greedy_config(pair.tokenizer, opts.max_new_tokens)
-    shape = TreeShape(opts.tree_width, opts.lookup_branch, opts.tree_nodes)
+    shape = TreeShape(opts.tree_width, opts.lookup_branch, opts.tree_nodes, opts.lookup_depth)
     rows: list[dict[str, Any]] = []
     plain_b1 = draft_b1 = None
     for bs in opts.batch_sizes:
@@ -290,6 +291,7 @@ def _generation(opts: Options, pair: Pair, draft, level: int | None, prompts: li
                else metrics.speedup_with_verify_cost(alpha, length, cost, verify, shape.nodes_per_depth,
                                                      shape.nodes(length)),
                "tree_width": shape.width, "lookup_branch": shape.lookup, "tree_nodes": shape.max_nodes,
+               "lookup_depth": shape.lookup_depth,
                "tokenizer": check, "universal_assisted_decoding": tokenizers is not None,
                "settings": assistant_settings(drafting), "loop": loop, "other_loop": other,
                "loop_split": _split(assisted, plain_b1, length, alpha, shape),

@@ -224,8 +224,9 @@ def feature_tree_greedy(target, draft: FeatureDraft, prompt: Sequence[int], max_
                     hidden = draft(hidden, _ids(chain[-1:], device), cache=d_cache)
             _crop(d_cache, n)
         tree = Tree.of(chain, siblings)
-        if shape.lookup and k:
-            tree = tree.with_path(lookup_continuation(seq, k))
+        if shape.lookup and k:  # the lookup costs no forward: it may reach deeper than the draft
+            room = steps.max_new - (len(seq) - steps.prompt) - 1
+            tree = tree.with_path(lookup_continuation(seq, min(max(k, shape.lookup_depth), room)))
         tree = tree.pruned(shape.max_nodes)
         drafted = time.perf_counter()
         steps.d_time += drafted - started

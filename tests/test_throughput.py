@@ -352,8 +352,9 @@ def test_cli_feature_draft_reads_ps_features_and_keeps_its_greedy_output(tmp_pat
     he = info["humaneval_agreement"]
     assert he["prompts"] == 6 and he["positions"] == 6 * 8 and 0.0 <= last["humaneval_agreement"] <= 1.0
     assert any(r["model"] == "feature-draft" and r["tokens_per_s"] > 0 for r in data["generation"])
-    assert data["assisted"]["cost"] > 0 and data["assisted"]["tree_width"] == 2
-    assert data["assisted"]["loop_split"]["verified_tokens"] == 3 * 2 + 1  # the tree: 3 depths of 2 guesses
+    a = data["assisted"]  # the default tree for a feature draft: 2 guesses per depth and the lookup branch
+    assert a["cost"] > 0 and (a["tree_width"], a["lookup_branch"], a["lookup_depth"]) == (2, True, 3)
+    assert a["loop_split"]["verified_tokens"] == 3 * 3 + 1  # at most 3 depths of 2 guesses and a lookup node
     a = data["assisted"]
     steps, forwards = a["verify_costs"], a["forward_costs"]  # a loop step costs its forward and the loop's work
     assert len(steps) == MAX_VERIFY and all(s >= f > 0 for s, f in zip(steps, forwards, strict=True))
@@ -400,11 +401,12 @@ def test_cli_feature_draft_file_trains_once_then_loads(tmp_path):
     (["--draft", "features", "--loop", "transformers"], "only the own loop"),
     (["--dtype", "float16"], "Invalid value for '--dtype'"),
     (["--draft-file", "x.safetensors"], "--draft-file applies to --draft features"),
-    (["--tree-width", "2"], "--tree-nodes and --lookup-branch apply to --draft features"),
-    (["--lookup-branch"], "--tree-nodes and --lookup-branch apply to --draft features"),
-    (["--tree-nodes", "3"], "--tree-nodes and --lookup-branch apply to --draft features"),
+    (["--tree-width", "2"], "--lookup-branch and --lookup-depth apply to --draft features"),
+    (["--lookup-branch"], "--lookup-branch and --lookup-depth apply to --draft features"),
+    (["--tree-nodes", "3"], "--lookup-branch and --lookup-depth apply to --draft features"),
     (["--draft-code-tokens", "100"], "--draft-code-tokens applies to --draft features"),
-    (["--draft", "features", "--lookup-depth", "3"], "--lookup-depth applies to --lookup-branch"),
+    (["--draft", "features", "--no-lookup-branch", "--lookup-depth", "3"], "--lookup-depth applies to --lookup-branch"),
+    (["--lookup-depth", "3"], "--lookup-branch and --lookup-depth apply to --draft features"),
     (["--draft", "features", "--tree-width", "5"], "Invalid value for '--tree-width'"),
 ])
 def test_cli_greedy_and_loop_options_out_of_place_are_usage_errors(tmp_path, args, message):

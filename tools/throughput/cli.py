@@ -69,6 +69,23 @@ class _Say:
         click.echo(f"[{time.monotonic() - self.start:6.1f}s] {msg}", err=True)
 
 
+def _tree_options(draft_kind: str, width: int | None, lookup: bool | None, depth: int | None, nodes: int
+                  ) -> tuple[int, bool, int]:
+    """(width, lookup, lookup depth): FEATURE_TREE's for --draft features where unset, a chain otherwise."""
+    from tools.throughput.draft_tree import FEATURE_TREE
+
+    if draft_kind != "features":
+        if (width or 1) > 1 or lookup or depth or nodes:
+            raise click.UsageError("--tree-width, --tree-nodes, --lookup-branch and --lookup-depth apply to --draft "
+                                   "features (a tree around the feature draft's guesses)")
+        return 1, False, 0
+    lookup = FEATURE_TREE.lookup if lookup is None else lookup
+    if depth and not lookup:
+        raise click.UsageError("--lookup-depth applies to --lookup-branch")
+    depth = (FEATURE_TREE.lookup_depth if lookup else 0) if depth is None else depth
+    return FEATURE_TREE.width if width is None else width, lookup, depth
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--preset", type=click.Choice(PRESETS), default="tiny-cpu", show_default=True,
               help="tiny-cpu: fednode 'small' private model (4.2 M) + 'tiny' messenger ladder, built from config; "
@@ -146,26 +163,28 @@ class _Say:
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Generation dtype of the private model and the draft (training stays float32); bfloat16 "
                    "halves the weights read per token (CPUs with AVX512-BF16, GPUs).")
-@click.option("--tree-width", type=click.IntRange(min=1, max=4), default=1, show_default=True,
+@click.option("--tree-width", type=click.IntRange(min=1, max=4), default=None,
               help="--draft features: verify the draft's N best guesses at every depth as a tree in one forward "
-                   "(the chain and its runners-up; 1: the chain alone). The draft length is chosen for it.")
+                   "(the chain and its runners-up; 1: the chain alone). The draft length is chosen for it "
+                   "[default: 2].")
 @click.option("--draft-code-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="--draft features: also train on N tokens of the local code itself (P's features and argmax "
                    "at every position, no generation needed) beside P's greedy continuations.")
 @click.option("--tree-nodes", type=click.IntRange(min=0, max=12), default=0, show_default=True,
               help="--draft features with a tree: verify at most N tree nodes per step (shallower first, then the "
                    "chain, the lookup branch, the runners-up); 0: no cap.")
-@click.option("--lookup-depth", type=click.IntRange(min=0, max=12), default=0, show_default=True,
+@click.option("--lookup-depth", type=click.IntRange(min=0, max=12), default=None,
               help="--lookup-branch: the lookup branch reaches N tokens deep even when the draft drafts fewer "
-                   "(it costs no forward, only verification); 0: as deep as the draft.")
-@click.option("--lookup-branch", is_flag=True, default=False,
+                   "(it costs no forward, only verification); 0: as deep as the draft [default: 3].")
+@click.option("--lookup-branch/--no-lookup-branch", default=None,
               help="--draft features: also verify the prompt-lookup continuation (the tokens that followed the "
-                   "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch.")
+                   "last earlier occurrence of the committed text's last 3 or 2 tokens) as one more tree branch "
+                   "[default: on].")
 @click.option("--paired/--no-paired", default=True, show_default=True,
               help="Own loop: also time plain greedy, the loop drafting nothing and the drafted loop prompt by "
                    "prompt in turns (machine drift hits all alike), reported as `paired`.")
 @click.option("--decode-layout", type=click.Choice(("auto", "linear")), default="auto", show_default=True,
-              help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..9 tokens and give "
+              help="auto: on a CPU, time each matrix-product layout on cached forwards of 1..13 tokens and give "
                    "P (and the draft) the fastest per row count, for every figure of the run; linear: torch's "
                    "F.linear everywhere (the layout before 2026-12-07).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads [default: torch's choice].")
@@ -178,8 +197,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
                draft_length: str, exit_data: str | None, exit_loss: str | None, exit_lr: float | None,
                greedy_prompts: int | None, greedy_tokens: int | None, loop: str | None,
                compare_loops: bool, dtype: str, draft_file: Path | None, agreement_prompts: int,
-               decode_layout: str, tree_width: int, lookup_branch: bool, draft_code_tokens: int,
-               paired: bool, tree_nodes: int, lookup_depth: int) -> None:
+               decode_layout: str, tree_width: int | None, lookup_branch: bool | None, draft_code_tokens: int,
+               paired: bool, tree_nodes: int, lookup_depth: int | None) -> None:
     """Generation and training tokens/s of a site's private model and messenger, and the draft speedup.
 
     Greedy generation on HumanEval prompts for: the private model, the messenger at every ladder
@@ -207,12 +226,8 @@ def throughput(preset: str, out_dir: Path | None, limit: int | None, max_new_tok
     if exit_data != "greedy" and (exit_loss == "top1" or greedy_prompts is not None or greedy_tokens is not None):
         raise click.UsageError("--exit-loss top1, --greedy-prompts and --greedy-tokens apply to --exit-data greedy")
     exit_loss = exit_loss or (DEFAULT_GREEDY_LOSS if exit_data == "greedy" else "kl")
-    if (tree_width > 1 or lookup_branch or tree_nodes) and draft_kind != "features":
-        raise click.UsageError("--tree-width, --tree-nodes and --lookup-branch apply to --draft features (a tree "
-                               "around the "
-                               "feature draft's guesses)")
-    if lookup_depth and not lookup_branch:
-        raise click.UsageError("--lookup-depth applies to --lookup-branch")
+    tree_width, lookup_branch, lookup_depth = _tree_options(draft_kind, tree_width, lookup_branch, lookup_depth,
+                                                            tree_nodes)
     if draft_code_tokens and draft_kind != "features":
         raise click.UsageError("--draft-code-tokens applies to --draft features")
     if draft_file is not None and draft_kind != "features":

@@ -52,11 +52,16 @@ def _crop(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
-def _argmax(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+def _allowed(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    """The logits with `banned` ids at -inf (a copy; unchanged when nothing is banned)."""
     if banned:
         logits = logits.clone()
         logits[..., list(banned)] = float("-inf")
-    return logits.argmax(-1)
+    return logits
+
+
+def _argmax(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    return _allowed(logits, banned).argmax(-1)
 
 
 def _ids(tokens: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -185,10 +190,7 @@ def _keep_cache(cache: DynamicCache, prefix: int, nodes: list[int]) -> None:
 
 
 def _top(logits: torch.Tensor, banned: Sequence[int], width: int) -> list[int]:
-    if banned:
-        logits = logits.clone()
-        logits[..., list(banned)] = float("-inf")
-    return logits.topk(width, -1).indices.tolist()
+    return _allowed(logits, banned).topk(width, -1).indices.tolist()
 
 
 @torch.no_grad()
